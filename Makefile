@@ -1,0 +1,36 @@
+# rvdeploy: `make demo` runs the pipeline on the shipped model, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build that lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+# cpu,dev by default; on a GPU host: make install EXTRAS=gpu,dev TORCH=torch
+EXTRAS ?= cpu,dev
+PY := $(VENV)/bin/python
+RVDEPLOY := $(VENV)/bin/rvdeploy
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+DEMO := build/demo
+DEMO_CKPT := models/digits/repvgg_digits_train.pth
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+# Re-runs only when pyproject.toml changes; pip itself is idempotent.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	mkdir -p $(DEMO)
+	$(RVDEPLOY) info $(DEMO_CKPT)
+	$(RVDEPLOY) fuse $(DEMO_CKPT) -o $(DEMO)/repvgg_digits_fused.pth
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build .pytest_cache .hypothesis

@@ -1,0 +1,45 @@
+"""The artifacts of the first two stages: training-form and deploy-form weights.
+
+Both hold tensors under the official repository's names; the architecture travels with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rvdeploy.arch import ArchSpec
+from rvdeploy.model import DEFAULT_BN_EPS
+from rvdeploy.preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where weights came from."""
+
+    path: str
+    sha256: str
+    layout: str  # "official", "timm", "mmpretrain" or "rvdeploy" (a fused file)
+    wrapper: str | None = None  # the entry of a wrapped checkpoint that held the tensors
+
+
+@dataclass
+class TrainWeights:
+    """Multi-branch weights: ``stage0.rbr_dense.conv.weight``, ``stage1.0.rbr_identity.running_var``, ..."""
+
+    spec: ArchSpec
+    tensors: dict[str, torch.Tensor]
+    source: Source | None = None
+    preprocess: Preprocess | None = None
+    bn_eps: float = DEFAULT_BN_EPS
+
+
+@dataclass
+class DeployWeights:
+    """Folded weights: ``stage0.rbr_reparam.{weight,bias}``, ``stageN.i.se.*``, ``linear.*``."""
+
+    spec: ArchSpec
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+    preprocess: Preprocess | None = None
