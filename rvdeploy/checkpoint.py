@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -126,13 +127,15 @@ class RawCheckpoint:
 
 def _describe_load_failure(path: Path, exc: Exception) -> str:
     text = str(exc)
-    if "Weights only load failed" in text or "Unsupported global" in text:
-        culprit = re.search(r"Unsupported (global|operand)[^\n]*", text)
-        detail = f" ({culprit.group(0).strip().rstrip('.')})" if culprit else ""
-        return f"refusing {path}: it is a pickle that would run code when loaded{detail}; rvdeploy loads tensors only"
+    global_ = re.search(r"(unsupported GLOBAL|Unsupported global:?) (GLOBAL )?([\w.]+)", text)
+    if global_:
+        return (
+            f"refusing {path}: it is a pickle that would run code when loaded (it calls {global_.group(3)}); "
+            "rvdeploy loads tensors only"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "central directory" in text or "EOF" in text:
-        return f"{path} is truncated or corrupt: {text.splitlines()[0] if text else type(exc).__name__}"
-    first = text.splitlines()[0] if text else type(exc).__name__
+        return f"{path} is truncated or corrupt ({first})"
     return f"{path} is not a readable PyTorch or safetensors checkpoint ({first})"
 
 
@@ -197,7 +200,9 @@ def read_checkpoint(path: str | os.PathLike, key: str | None = None) -> RawCheck
         wrapper = None
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols; the error says enough
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # untrusted bytes: any failure is a bad file, reported in one line
             raise CheckpointError(_describe_load_failure(path, exc)) from None
         tensors, wrapper_dict, wrapper = _unwrap(obj, path, key)

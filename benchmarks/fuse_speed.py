@@ -1,0 +1,59 @@
+"""Wall time of `rvdeploy fuse` on a full-size zoo model (load, fold, self-check, save).
+
+Makes a trained-looking training checkpoint of the variant (1000 classes), then times the CLI as a
+user runs it, Python start-up included. Run:
+    .venv/bin/python benchmarks/fuse_speed.py [--arch RepVGG-B3] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rvdeploy.arch import zoo_spec
+from rvdeploy.synthetic import trained_like_state_dict
+
+from results_io import write_results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", default="RepVGG-B3")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    spec = zoo_spec(args.arch)
+    rvdeploy = Path(sys.executable).with_name("rvdeploy")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, out = Path(tmp) / "train.pth", Path(tmp) / "fused.pth"
+        torch.save({"state_dict": trained_like_state_dict(spec)}, ckpt)
+        size_mb = ckpt.stat().st_size / 1e6
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            subprocess.run([str(rvdeploy), "fuse", str(ckpt), "-o", str(out)], check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+            print(f"{spec.name}: {times[-1]:.2f} s")
+    row = {
+        "arch": spec.name,
+        "params_train_m": spec.param_count(False) / 1e6,
+        "checkpoint_mb": size_mb,
+        "wall_s_median": statistics.median(times),
+        "wall_s_min": min(times),
+        "wall_s_max": max(times),
+        "runs": len(times),
+    }
+    columns = [("arch", "arch"), ("params_train_m", "train params (M)"), ("checkpoint_mb", "checkpoint (MB)"),
+               ("wall_s_median", "wall s (median)"), ("wall_s_min", "min"), ("wall_s_max", "max"), ("runs", "runs")]
+    print(write_results(f"fuse_speed_{spec.name}", [row], columns,
+                        "Goal: RepVGG-B3 in <= 15 s wall on the 2-core development machine, load and save included."))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Shared test helpers: trained-looking weights and the checkpoint layouts of other frameworks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rvdeploy.arch import ArchSpec, custom_spec
+from rvdeploy.synthetic import trained_like_state_dict  # noqa: F401  (tests import it from here)
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_CKPT = ROOT / "models" / "digits" / "repvgg_digits_train.pth"
+
+
+def to_timm(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official training state dict the way timm's byobnet RepVggBlock names it."""
+    branch = {
+        "rbr_dense.conv": "conv_kxk.conv",
+        "rbr_dense.bn": "conv_kxk.bn",
+        "rbr_1x1.conv": "conv_1x1.conv",
+        "rbr_1x1.bn": "conv_1x1.bn",
+        "rbr_identity": "identity",
+        "se.down": "attn.fc1",
+        "se.up": "attn.fc2",
+    }
+    out = {}
+    for key, t in official.items():
+        if key.startswith("linear."):
+            out["head.fc." + key.split(".", 1)[1]] = t
+            continue
+        m = re.match(r"stage(\d+)(?:\.(\d+))?\.(.+)\.(\w+)$", key)
+        stage, index, module, leaf = m.groups()
+        prefix = "stem" if stage == "0" else f"stages.{int(stage) - 1}.{index}"
+        out[f"{prefix}.{branch[module]}.{leaf}"] = t
+    return out
+
+
+def to_mmpretrain(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official training state dict the way mmpretrain's RepVGG classifier names it."""
+    branch = {
+        "rbr_dense.conv": "branch_3x3.conv",
+        "rbr_dense.bn": "branch_3x3.norm",
+        "rbr_1x1.conv": "branch_1x1.conv",
+        "rbr_1x1.bn": "branch_1x1.norm",
+        "rbr_identity": "branch_norm",
+        "se.down": "se_layer.conv1.conv",
+        "se.up": "se_layer.conv2.conv",
+    }
+    out = {}
+    for key, t in official.items():
+        if key.startswith("linear."):
+            out["head.fc." + key.split(".", 1)[1]] = t
+            continue
+        m = re.match(r"stage(\d+)(?:\.(\d+))?\.(.+)\.(\w+)$", key)
+        stage, index, module, leaf = m.groups()
+        prefix = "backbone.stem" if stage == "0" else f"backbone.stage_{stage}.{index}"
+        out[f"{prefix}.{branch[module]}.{leaf}"] = t
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_spec() -> ArchSpec:
+    """Small but complete: identity branches, groups on layers 2 and 4, 4 stages."""
+    return custom_spec(depths=(2, 3, 2, 1), widths=(16, 32, 64, 96), groups=2, num_classes=7)
+
+
+@pytest.fixture(scope="session")
+def small_se_spec() -> ArchSpec:
+    return custom_spec(depths=(1, 2, 1, 1), widths=(16, 32, 32, 64), se=True, num_classes=5)
+
+
+@pytest.fixture()
+def small_state(small_spec) -> dict[str, torch.Tensor]:
+    return trained_like_state_dict(small_spec, seed=1)
