@@ -27,7 +27,9 @@ $(STAMP): pyproject.toml
 demo: install
 	mkdir -p $(DEMO)
 	$(RVDEPLOY) info $(DEMO_CKPT)
-	$(RVDEPLOY) fuse $(DEMO_CKPT) -o $(DEMO)/repvgg_digits_fused.pth
+	$(RVDEPLOY) fuse $(DEMO_CKPT) -o $(DEMO)/digits_fused.pth
+	$(RVDEPLOY) export $(DEMO)/digits_fused.pth --onnx $(DEMO)/digits.onnx
+	$(RVDEPLOY) verify $(DEMO)/digits.onnx --checkpoint $(DEMO_CKPT)
 
 test: install
 	$(PY) -m pytest -q

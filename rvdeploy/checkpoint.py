@@ -134,7 +134,9 @@ def _describe_load_failure(path: Path, exc: Exception) -> str:
             "rvdeploy loads tensors only"
         )
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "central directory" in text or "EOF" in text:
+    with open(path, "rb") as f:
+        zip_archive = f.read(4) == b"PK\x03\x04"  # torch.save's format: a readable start, a broken rest
+    if zip_archive or isinstance(exc, (EOFError, zipfile.BadZipFile)) or "central directory" in text:
         return f"{path} is truncated or corrupt ({first})"
     return f"{path} is not a readable PyTorch or safetensors checkpoint ({first})"
 
@@ -351,8 +353,8 @@ def _deploy_weights(raw: RawCheckpoint) -> DeployWeights:
     meta = dict(raw.extras.get("meta", {}))
     spec = ArchSpec.from_dict(meta["arch_spec"]) if "arch_spec" in meta else infer_spec(tensors, True)
     validate(tensors, spec, True, original)
-    meta.setdefault("source_sha256", raw.sha256)
-    return DeployWeights(spec=spec, tensors=tensors, meta=meta, preprocess=_preprocess_from(raw.extras))
+    source = Source(str(raw.path), raw.sha256, "rvdeploy" if "fold_error" in meta else "official-deploy", raw.wrapper)
+    return DeployWeights(spec=spec, tensors=tensors, meta=meta, preprocess=_preprocess_from(raw.extras), source=source)
 
 
 def load_train_weights(

@@ -14,13 +14,27 @@ from rich.table import Table
 
 from rvdeploy import __version__
 from rvdeploy.errors import RvdeployError
+from rvdeploy.preprocess import parse_size
 
 console = Console()
 INTERNAL_ERROR_EXIT = 70
+VERIFY_FAILED_EXIT = 4
 
 
 class RvdeployGroup(click.Group):
-    """Turns every failure into one line on stderr and a non-zero exit status."""
+    """Turns every failure, usage errors included, into one line on stderr and a non-zero exit status."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.ClickException as exc:  # usage errors: bad option values, missing arguments
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -42,6 +56,23 @@ class RvdeployGroup(click.Group):
                 err=True,
             )
             ctx.exit(INTERNAL_ERROR_EXIT)
+
+
+class SizeType(click.ParamType):
+    """S, HxW, H,W or 'H W'."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_size(value)
+        except RvdeployError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeType()
 
 
 @click.group(cls=RvdeployGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,7 +158,7 @@ def _block_rows(spec) -> list[tuple[str, ...]]:
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--input-size", type=click.IntRange(min=1), help="Input size for FLOPs (default: the model's, else 224).")
+@click.option("--input-size", type=SIZE, help="Input size for FLOPs: S or HxW (default: the model's, else 224).")
 @click.option("--key", help="Entry of a wrapped checkpoint that holds the weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def info(checkpoint: Path, input_size, key, as_json) -> None:
@@ -138,10 +169,8 @@ def info(checkpoint: Path, input_size, key, as_json) -> None:
     weights = load_weights(checkpoint, key=key)
     spec = weights.spec
     fused = not isinstance(weights, TrainWeights)
-    layout = "rvdeploy fused" if fused and "fold_error" in weights.meta else (
-        "official deploy" if fused else weights.source.layout
-    )
-    size = input_size or (weights.preprocess.input_size if weights.preprocess else 224)
+    layout = weights.source.layout
+    size = input_size or (weights.preprocess.input_size if weights.preprocess else (224, 224))
     data = {
         "path": str(checkpoint),
         "layout": layout,
@@ -149,7 +178,7 @@ def info(checkpoint: Path, input_size, key, as_json) -> None:
         "arch": spec.name,
         "arch_spec": spec.to_dict(),
         "num_classes": spec.num_classes,
-        "input_size": size,
+        "input_size": list(size),
         "params": {"train": spec.param_count(False), "deploy": spec.param_count(True)},
         "macs": {"train": spec.macs(size, False), "deploy": spec.macs(size, True)},
         "blocks": [
@@ -166,12 +195,96 @@ def info(checkpoint: Path, input_size, key, as_json) -> None:
     table.add_row("classes", str(spec.num_classes))
     table.add_row("stages", f"depths {list(spec.depths)}, widths {list(spec.widths)}, stem {spec.stem_width}")
     table.add_row("parameters", f"train {_millions(data['params']['train'])}, deploy {_millions(data['params']['deploy'])}")
-    table.add_row(f"GMACs @ {size}", f"train {data['macs']['train'] / 1e9:.3f}, deploy {data['macs']['deploy'] / 1e9:.3f}")
+    table.add_row(f"GMACs @ {size[0]}x{size[1]}", f"train {data['macs']['train'] / 1e9:.3f}, deploy {data['macs']['deploy'] / 1e9:.3f}")
     console.print(table)
     blocks = Table("block", "channels", "stride", "groups", "branches (train form)" if not fused else "branches (before fusing)")
     for row in _block_rows(spec):
         blocks.add_row(*row)
     console.print(blocks)
+
+
+class BatchType(click.ParamType):
+    """``dynamic`` or a positive integer."""
+
+    name = "dynamic|N"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "dynamic" or isinstance(value, int):
+            return None if value == "dynamic" else value
+        try:
+            batch = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'dynamic' nor a number", param, ctx)
+        if batch < 1:
+            self.fail(f"{batch} must be positive", param, ctx)
+        return batch
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
+@click.option("--input-size", type=SIZE, help="S, HxW or 'H W' (default: the model's recipe, else 224).")
+@click.option("--batch", type=BatchType(), default="dynamic", show_default=True, help="'dynamic' or a fixed batch size.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13-20).")
+@click.option("--no-fuse", is_flag=True, help="Export the multi-branch training graph (to measure the fold's speed-up).")
+@click.option("--arch", help="Architecture name, checked against the tensors (training checkpoints).")
+@click.option("--key", help="Entry of a wrapped checkpoint that holds the weights.")
+def export(checkpoint: Path, onnx_path: Path, input_size, batch, opset, no_fuse, arch, key) -> None:
+    """Export CHECKPOINT (training form, fused on the way, or already fused) to a plain ONNX graph."""
+    from rvdeploy.checkpoint import load_weights
+    from rvdeploy.export import ExportOptions, export_onnx
+    from rvdeploy.reparam import fuse as fuse_weights
+    from rvdeploy.weights import TrainWeights
+
+    options = ExportOptions(input_size=input_size, batch=batch, opset=opset)  # checked before any loading
+    start = time.perf_counter()
+    weights = load_weights(checkpoint, arch=arch, key=key)
+    trained = isinstance(weights, TrainWeights)
+    if no_fuse and not trained:
+        raise RvdeployError(f"{checkpoint} is already fused: --no-fuse needs a training checkpoint")
+    if trained and not no_fuse:
+        weights, report = fuse_weights(weights)
+        console.print(f"fused {weights.spec.name}: max rel error {report.max_rel_error:.3g} (self-check passed)")
+    export_onnx(weights, onnx_path, options)
+    form = "multi-branch" if no_fuse else "fused"
+    console.print(
+        f"wrote {onnx_path} ({form} {weights.spec.name}, opset {opset}, batch {batch or 'dynamic'}, "
+        f"{onnx_path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.2f} s"
+    )
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Also run ONNX Runtime against this checkpoint's torch model (multi-branch when training form).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(model: Path, checkpoint, as_json) -> None:
+    """Check that MODEL is a plain RepVGG graph (exit 4 when it is not)."""
+    from rvdeploy.checkpoint import load_weights
+    from rvdeploy.verify import verify as verify_graph
+
+    weights = load_weights(checkpoint) if checkpoint else None
+    report = verify_graph(model, weights)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        table = Table(title=f"rvdeploy verify: {model.name}", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("architecture", report.arch or "unknown (no rvdeploy metadata)")
+        table.add_row("conv layers on the chain", f"{report.conv_layers}" + (f" of {report.expected_layers}" if report.expected_layers else ""))
+        table.add_row("violations", str(len(report.violations)) if report.violations else "[green]none[/green]")
+        if report.parity:
+            p = report.parity
+            verdict = "[green]passed[/green]" if p.passed else "[red]failed[/red]"
+            table.add_row("ONNX Runtime vs. torch", f"max abs {p.max_abs_error:.3g}, max rel {p.max_rel_error:.3g} "
+                          f"(≤ {p.tolerance_rel:g}, batches {list(p.batches)}, vs. {p.reference}) {verdict}")
+        table.add_row("result", "[green]OK[/green]" if report.ok else "[red]FAILED[/red]")
+        console.print(table)
+        for violation in report.violations:
+            console.print(f"  [red]✗[/red] {violation}", highlight=False)
+    if not report.ok:
+        raise click.exceptions.Exit(VERIFY_FAILED_EXIT)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,11 @@ import torch
 from rvdeploy.arch import BlockSpec
 from rvdeploy.errors import FoldError
 from rvdeploy.model import build_model
+from rvdeploy.numerics import float32_tolerance, relative_error
 from rvdeploy.weights import DeployWeights, TrainWeights
 
-# The folded float32 net may be this many times further from the float64 reference than the
-# multi-branch float32 net is: the fold adds one rounding per weight, the forward pass dominates.
-NOISE_MARGIN = 10.0
 # float64 arithmetic leaves ~1e-15 relative; anything above this is an algebra mistake.
 FLOAT64_TOLERANCE = 1e-9
-FLOAT32_EPS = torch.finfo(torch.float32).eps
 # A trained net's float32 output is within ~1e-6 of its float64 output; far beyond that it is broken.
 UNSTABLE_NOISE = 1e-3
 
@@ -124,19 +121,17 @@ def check_fold(
     fused32 = _forward(build_model(spec, True, folded32), x).double()
     fused64 = _forward(build_model(spec, True, folded64, dtype=f64), x.double())
 
-    scale = reference.abs().max().item() or 1.0
-    noise_rel = (multi32 - reference).abs().max().item() / scale
-    fused_rel_to_reference = (fused32 - reference).abs().max().item() / scale
+    noise_rel = relative_error(multi32, reference)
+    fused_rel_to_reference = relative_error(fused32, reference)
     max_abs = (fused32 - multi32).abs().max().item()
-    float64_rel = (fused64 - reference).abs().max().item() / scale
-    # Floor the tolerance at a few float32 ulps so a tiny lucky noise measurement cannot fail the fold.
-    tolerance = max(NOISE_MARGIN * noise_rel, 16 * FLOAT32_EPS)
+    float64_rel = relative_error(fused64, reference)
+    tolerance = float32_tolerance(noise_rel)
     finite = all(math.isfinite(v) for v in (max_abs, float64_rel, noise_rel, fused_rel_to_reference))
     passed = finite and float64_rel <= FLOAT64_TOLERANCE and fused_rel_to_reference <= tolerance
     return FoldReport(
         probe_shape=tuple(x.shape),
         max_abs_error=max_abs,
-        max_rel_error=max_abs / scale,
+        max_rel_error=relative_error(fused32, multi32),
         float64_rel_error=float64_rel,
         float32_noise_rel=noise_rel,
         tolerance_rel=tolerance,

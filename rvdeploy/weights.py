@@ -41,5 +41,6 @@ class DeployWeights:
 
     spec: ArchSpec
     tensors: dict[str, torch.Tensor]
-    meta: dict
+    meta: dict  # provenance and the fold's report; "source_sha256" names the training checkpoint
     preprocess: Preprocess | None = None
+    source: Source | None = None  # the fused file these were read from, if any

@@ -203,7 +203,7 @@ def test_fused_round_trip(tmp_path, small_spec, small_state, suffix):
     out = save_deploy_weights(deploy, tmp_path / f"fused{suffix}")
     loaded = load_deploy_weights(out)
     assert loaded.spec == deploy.spec
-    assert loaded.preprocess.input_size == 48
+    assert loaded.preprocess.input_size == (48, 48)
     assert loaded.meta["source_layout"] == "official"
     assert all(torch.equal(loaded.tensors[k], deploy.tensors[k]) for k in deploy.tensors)
     assert isinstance(load_weights(out), DeployWeights)

@@ -140,7 +140,7 @@ def test_info_on_training_and_fused_checkpoints(tmp_path, train_ckpt, small_spec
     assert data["blocks"][2]["branches"] == "3x3 + 1x1 + identity" and data["blocks"][2]["groups"] == "2"
     run("fuse", train_ckpt, "-o", tmp_path / "f.pth")
     code, stdout, _ = run("info", tmp_path / "f.pth", "--input-size", "64")
-    assert code == 0 and "deploy form" in stdout and "GMACs @ 64" in stdout
+    assert code == 0 and "deploy form" in stdout and "GMACs @ 64x64" in stdout
 
 
 def test_console_script_reports_one_line_without_traceback(tmp_path):

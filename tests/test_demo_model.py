@@ -33,7 +33,7 @@ def test_splits_are_disjoint_and_complete():
 
 def test_fused_model_keeps_the_heldout_accuracy():
     weights = load_train_weights(DIGITS_CKPT)
-    assert weights.preprocess.input_size == 32
+    assert weights.preprocess.input_size == (32, 32)
     deploy, report = fuse(weights)
     assert report.passed
     files = sorted(HELDOUT.glob("*/*.png"))

@@ -61,10 +61,10 @@ def main() -> None:
     images = to_images(digits.data)
 
     # Normalisation statistics from the training split, through the same resize as inference.
-    plain = Preprocess(input_size=32, resize=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    plain = Preprocess(input_size=(32, 32), resize=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     train_raw = np.stack([plain.apply(images[i]) for i in train_idx])
     mean, std = float(train_raw.mean()), float(train_raw.std())
-    recipe = Preprocess(input_size=32, resize=32, mean=(mean,) * 3, std=(std,) * 3)
+    recipe = Preprocess(input_size=(32, 32), resize=32, mean=(mean,) * 3, std=(std,) * 3)
 
     x_train = torch.from_numpy(np.stack([recipe.apply(images[i]) for i in train_idx]))
     y_train = torch.from_numpy(digits.target[train_idx]).long()

@@ -1,0 +1,131 @@
+"""ONNX export: the deploy network as a plain chain of 3x3 Conv + Relu, and its metadata.
+
+The head is GlobalAveragePool → Flatten → Gemm. The graph carries ``metadata_props`` (arch, class
+count, input size, preprocessing, provenance) that later stages read instead of asking again.
+The same weights and options give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from rvdeploy import __version__
+from rvdeploy.errors import RvdeployError
+from rvdeploy.files import atomic_output
+from rvdeploy.model import build_model
+from rvdeploy.preprocess import Preprocess, imagenet_recipe
+from rvdeploy.weights import DeployWeights, TrainWeights
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+DEFAULT_OPSET = 17  # TensorRT 11, TensorRT-RTX and onnxruntime all take it; Q/DQ per-channel needs >= 13
+MIN_OPSET = 13
+# torch's TorchScript exporter writes the canonical Conv/GlobalAveragePool/Flatten/Gemm graph up to here.
+MAX_OPSET = 20
+METADATA_PREFIX = "rvdeploy."
+
+
+class ExportError(RvdeployError):
+    """Export options or weights that cannot give a valid graph."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    input_size: tuple[int, int] | None = None  # default: the recipe's, else 224x224
+    batch: int | None = None  # None: a dynamic batch dimension
+    opset: int = DEFAULT_OPSET
+
+    def __post_init__(self) -> None:
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ExportError(f"opset {self.opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+        if self.batch is not None and self.batch < 1:
+            raise ExportError(f"batch {self.batch} must be positive (or dynamic)")
+        if self.input_size is not None and min(self.input_size) < 1:
+            raise ExportError(f"input size {self.input_size} must be positive")
+
+
+def _recipe(weights: TrainWeights | DeployWeights, size: tuple[int, int] | None) -> Preprocess:
+    recipe = weights.preprocess or imagenet_recipe()
+    return recipe if size is None or size == recipe.input_size else recipe.with_input_size(size)
+
+
+def read_metadata(model: onnx.ModelProto) -> dict:
+    """The rvdeploy metadata of an exported graph, JSON values decoded; empty when it has none."""
+    data = {}
+    for prop in model.metadata_props:
+        if prop.key.startswith(METADATA_PREFIX):
+            key = prop.key[len(METADATA_PREFIX):]
+            try:
+                data[key] = json.loads(prop.value)
+            except json.JSONDecodeError:
+                data[key] = prop.value
+    return data
+
+
+def export_onnx(
+    weights: TrainWeights | DeployWeights,
+    path: str | os.PathLike,
+    options: ExportOptions = ExportOptions(),
+) -> Path:
+    """Write ``weights`` as ONNX: the plain deploy graph, or the multi-branch one for training weights.
+
+    The write is atomic; an existing file at ``path`` is replaced only by a complete graph.
+    """
+    fused = isinstance(weights, DeployWeights)
+    spec = weights.spec
+    recipe = _recipe(weights, options.input_size)
+    height, width = recipe.input_size
+    model = build_model(spec, deploy=fused, state_dict=weights.tensors)
+    example = torch.zeros(options.batch or 1, spec.in_channels, height, width)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter announces its deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=options.opset,
+            dynamic_axes=None if options.batch else {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    graph = onnx.load_from_string(buffer.getvalue())
+    # The lowest IR version that carries this opset: every runtime that knows the opset reads it.
+    graph.ir_version = onnx.helper.find_min_ir_version_for(list(graph.opset_import))
+    graph.producer_name, graph.producer_version = "rvdeploy", __version__
+    meta = {
+        "arch": spec.name,
+        "arch_spec": spec.to_dict(),
+        "num_classes": spec.num_classes,
+        "input_size": [height, width],
+        "form": "fused" if fused else "multi-branch",
+        "layers": len(spec.blocks),
+        "preprocess": recipe.to_dict(),
+        "source_sha256": None,
+        "rvdeploy_version": __version__,
+    }
+    # source: the file these weights were read from; for weights fused in memory, their training checkpoint.
+    train_sha = weights.meta.get("source_sha256") if fused else None
+    if weights.source is not None:
+        meta["source_sha256"] = weights.source.sha256
+        if train_sha and train_sha != weights.source.sha256:
+            meta["train_source_sha256"] = train_sha
+    else:
+        meta["source_sha256"] = train_sha
+    onnx.helper.set_model_props(graph, {METADATA_PREFIX + k: json.dumps(v, sort_keys=True) for k, v in meta.items()})
+    onnx.checker.check_model(graph, full_check=True)
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(graph.SerializeToString(deterministic=True))
+    return path

@@ -1,0 +1,290 @@
+"""Graph verification with onnx-graphsurgeon, and numeric parity with ONNX Runtime.
+
+A deployable RepVGG graph is one chain: input → (Conv 3x3 → [SE] → Relu) × layers →
+GlobalAveragePool → Flatten → Gemm → output. Every violation names the node it was found at.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from google.protobuf.message import DecodeError
+
+from rvdeploy.arch import ArchSpec, BlockSpec
+from rvdeploy.errors import RvdeployError
+from rvdeploy.export import read_metadata
+from rvdeploy.model import build_model
+from rvdeploy.numerics import float32_tolerance, relative_error
+from rvdeploy.weights import DeployWeights, TrainWeights
+
+BODY_OPS = {"Conv", "Relu"}
+HEAD_OPS = {"GlobalAveragePool", "Flatten", "Gemm"}
+SE_OPS = {"GlobalAveragePool", "Conv", "Relu", "Sigmoid", "Mul"}
+
+
+class VerifyError(RvdeployError):
+    """The file is not an ONNX graph that can be checked at all."""
+
+
+@dataclass(frozen=True)
+class Violation:
+    node: str
+    op: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.node} ({self.op}): {self.message}"
+
+
+@dataclass(frozen=True)
+class Parity:
+    """ONNX Runtime against the torch net, both float32, measured against the torch net in float64."""
+
+    batches: tuple[int, ...]
+    max_abs_error: float  # ONNX Runtime vs. torch float32: what a user sees
+    max_rel_error: float  # ONNX Runtime vs. torch float64, relative to the largest output
+    float32_noise_rel: float  # torch float32 vs. float64: what float32 explains
+    tolerance_rel: float
+    reference: str  # what ONNX Runtime was compared with
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_error <= self.tolerance_rel
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    arch: str | None
+    expected_layers: int | None
+    conv_layers: int
+    violations: list[Violation] = field(default_factory=list)
+    parity: Parity | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and (self.parity is None or self.parity.passed)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["violations"] = [asdict(v) for v in self.violations]
+        if self.parity is not None:
+            data["parity"]["passed"] = self.parity.passed
+        return data
+
+
+class _ChainBroken(Exception):
+    """The walk along the chain cannot go on; the violation is already recorded."""
+
+
+class _Walker:
+    """Follows the single chain from the graph input to its output, recording what deviates."""
+
+    def __init__(self, graph: gs.Graph, violations: list[Violation]) -> None:
+        self.graph = graph
+        self.violations = violations
+        self.visited: set[int] = set()
+
+    def fail(self, node: gs.Node | None, message: str) -> None:
+        self.violations.append(Violation(node.name if node else "<graph>", node.op if node else "-", message))
+
+    def next_node(self, tensor: gs.Tensor, ops: set[str], after: str) -> gs.Node:
+        consumers = list(tensor.outputs)
+        if len(consumers) != 1:
+            names = ", ".join(f"{n.name} ({n.op})" for n in consumers) or "nothing"
+            producer = tensor.inputs[0] if tensor.inputs else None
+            what = f"its output {tensor.name}" if producer else f"the graph input {tensor.name}"
+            self.fail(producer, f"{what} feeds {len(consumers)} nodes ({names}); the chain must not branch")
+            raise _ChainBroken
+        node = consumers[0]
+        if node.op not in ops:
+            self.fail(node, f"expected {' or '.join(sorted(ops))} after {after}")
+            raise _ChainBroken
+        self.visited.add(id(node))
+        return node
+
+    def check_conv(self, conv: gs.Node, block: BlockSpec | None) -> None:
+        attrs = conv.attrs
+        weight = conv.inputs[1] if len(conv.inputs) > 1 else None
+        kernel = list(attrs.get("kernel_shape", weight.shape[2:] if weight is not None and weight.shape else []))
+        if kernel != [3, 3]:
+            self.fail(conv, f"kernel {kernel}, expected 3x3")
+        if list(attrs.get("pads", [0, 0, 0, 0])) != [1, 1, 1, 1]:
+            self.fail(conv, f"pads {attrs.get('pads')}, expected [1, 1, 1, 1]")
+        strides = list(attrs.get("strides", [1, 1]))
+        if strides not in ([1, 1], [2, 2]):
+            self.fail(conv, f"strides {strides}, expected 1 or 2")
+        if list(attrs.get("dilations", [1, 1])) != [1, 1]:
+            self.fail(conv, f"dilations {attrs.get('dilations')}, expected 1")
+        if not isinstance(weight, gs.Constant):
+            self.fail(conv, "its weight is not a constant initializer")
+        if block is None:
+            return
+        if strides != [block.stride] * 2:
+            self.fail(conv, f"stride {strides}, {block.name} has stride {block.stride}")
+        if attrs.get("group", 1) != block.groups:
+            self.fail(conv, f"group {attrs.get('group', 1)}, {block.name} has {block.groups}")
+        if weight is not None and weight.shape is not None:
+            expected = [block.out_channels, block.in_channels // block.groups, 3, 3]
+            if list(weight.shape) != expected:
+                self.fail(conv, f"weight shape {list(weight.shape)}, {block.name} needs {expected}")
+
+    def walk_se(self, features: gs.Tensor, conv: gs.Node) -> gs.Tensor:
+        """Squeeze-excitation: features → GAP → Conv → Relu → Conv → Sigmoid → Mul(features, gate)."""
+        consumers = sorted(features.outputs, key=lambda n: n.op)
+        if [n.op for n in consumers] != ["GlobalAveragePool", "Mul"]:
+            self.fail(conv, f"expected squeeze-excitation (GlobalAveragePool and Mul) after it, found {[n.op for n in consumers]}")
+            raise _ChainBroken
+        pool, mul = consumers
+        self.visited.update({id(pool), id(mul)})
+        gate = pool.outputs[0]
+        for op in ("Conv", "Relu", "Conv", "Sigmoid"):
+            gate = self.next_node(gate, {op}, "the SE's previous op").outputs[0]
+        if mul not in gate.outputs:
+            self.fail(mul, "the SE gate does not multiply the block's features")
+            raise _ChainBroken
+        return mul.outputs[0]
+
+    def walk(self, spec: ArchSpec | None) -> int:
+        """Walk the chain; return the number of body convs passed."""
+        tensor = self.graph.inputs[0]
+        blocks = list(spec.blocks) if spec else None
+        layers, after = 0, "the graph input"
+        while blocks is None or layers < len(blocks):
+            consumers = tensor.outputs
+            if blocks is None and (len(consumers) != 1 or consumers[0].op != "Conv"):
+                break  # no metadata: the body ends where the convs end
+            conv = self.next_node(tensor, {"Conv"}, after)
+            self.check_conv(conv, blocks[layers] if blocks else None)
+            features = conv.outputs[0]
+            if blocks and blocks[layers].se_channels:
+                features = self.walk_se(features, conv)
+            relu = self.next_node(features, {"Relu"}, conv.name)
+            tensor, after = relu.outputs[0], relu.name
+            layers += 1
+        pool = self.next_node(tensor, {"GlobalAveragePool"}, after)
+        flat = self.next_node(pool.outputs[0], {"Flatten", "Reshape"}, pool.name)
+        gemm = self.next_node(flat.outputs[0], {"Gemm"}, flat.name)
+        if gemm.outputs[0] not in self.graph.outputs:
+            self.fail(gemm, "the classifier's output is not the graph output")
+        return layers
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise VerifyError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise VerifyError(f"{path} is not an ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not model.graph.node:
+        raise VerifyError(f"{path} is not an ONNX model (no graph nodes)")
+    return model
+
+
+def check_graph(model: onnx.ModelProto, path: str = "<model>") -> VerifyReport:
+    """Every structural check; violations are collected, not raised."""
+    violations: list[Violation] = []
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        violations.append(Violation("<graph>", "-", f"onnx.checker: {str(exc).splitlines()[0]}"))
+    meta = read_metadata(model)
+    spec = ArchSpec.from_dict(meta["arch_spec"]) if "arch_spec" in meta else None
+    if spec is None:
+        violations.append(Violation("<graph>", "-", "no rvdeploy metadata: the layer count and groups cannot be checked"))
+    graph = gs.import_onnx(model)
+    allowed = BODY_OPS | HEAD_OPS | {"Reshape"} | (SE_OPS if spec is None or spec.se else set())
+    for node in graph.nodes:
+        if node.op not in allowed:
+            violations.append(Violation(node.name, node.op, f"{node.op} does not belong in a plain RepVGG graph"))
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        violations.append(Violation("<graph>", "-", f"{len(graph.inputs)} inputs and {len(graph.outputs)} outputs, expected 1 and 1"))
+    else:
+        shape = graph.inputs[0].shape or []
+        expected_chw = [spec.in_channels, *meta["input_size"]] if spec and "input_size" in meta else None
+        if len(shape) != 4 or (expected_chw and list(shape[1:]) != expected_chw):
+            violations.append(Violation("<graph>", "-", f"input shape {shape}, expected [batch, {expected_chw or 'C, H, W'}]"))
+    walker = _Walker(graph, violations)
+    layers = 0
+    if len(graph.inputs) == 1:
+        try:
+            layers = walker.walk(spec)
+        except _ChainBroken:
+            pass
+        else:
+            for node in graph.nodes:
+                if id(node) not in walker.visited:
+                    violations.append(Violation(node.name, node.op, "not on the chain from input to output"))
+    convs = sum(1 for n in graph.nodes if n.op == "Conv")
+    se_convs = 2 * sum(1 for b in spec.blocks if b.se_channels) if spec else 0
+    if spec is not None and convs - se_convs != len(spec.blocks):
+        violations.append(Violation(
+            "<graph>", "-", f"{convs - se_convs} body Conv nodes, {spec.name} has {len(spec.blocks)} layers"
+        ))
+    return VerifyReport(
+        path=path,
+        arch=spec.name if spec else None,
+        expected_layers=len(spec.blocks) if spec else None,
+        conv_layers=layers,
+        violations=violations,
+    )
+
+
+def check_parity(
+    path: str | os.PathLike,
+    weights: TrainWeights | DeployWeights,
+    batches: tuple[int, ...] = (1, 3),
+    seed: int = 0,
+) -> Parity:
+    """ONNX Runtime on the graph vs. the torch net of ``weights`` on seeded probe batches."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for graphs it cannot run
+        raise VerifyError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
+    feed = session.get_inputs()[0]
+    _, channels, height, width = feed.shape
+    if isinstance(feed.shape[0], int):
+        batches = (feed.shape[0],)
+    if (channels, height, width) != (weights.spec.in_channels, *feed.shape[2:]) or not isinstance(height, int):
+        raise VerifyError(f"graph input {feed.shape} does not fit {weights.spec.name}'s {weights.spec.in_channels} channels")
+    deploy = isinstance(weights, DeployWeights)
+    model32 = build_model(weights.spec, deploy=deploy, state_dict=weights.tensors)
+    model64 = build_model(weights.spec, deploy=deploy, state_dict=weights.tensors, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    max_abs = max_rel = noise = 0.0
+    for batch in batches:
+        x = torch.randn(batch, channels, height, width, generator=generator)
+        with torch.inference_mode():
+            expected32, expected64 = model32(x), model64(x.double())
+        got = torch.from_numpy(session.run(None, {feed.name: x.numpy()})[0])
+        if got.shape != expected32.shape:
+            raise VerifyError(f"ONNX Runtime output shape {tuple(got.shape)}, torch gives {tuple(expected32.shape)}")
+        max_abs = max(max_abs, (got - expected32).abs().max().item())
+        max_rel = max(max_rel, relative_error(got, expected64))
+        noise = max(noise, relative_error(expected32, expected64))
+    return Parity(
+        batches=tuple(batches),
+        max_abs_error=max_abs,
+        max_rel_error=max_rel,
+        float32_noise_rel=noise,
+        tolerance_rel=float32_tolerance(noise),
+        reference="fused torch model" if deploy else "multi-branch torch model",
+    )
+
+
+def verify(path: str | os.PathLike, weights: TrainWeights | DeployWeights | None = None) -> VerifyReport:
+    """Check the graph at ``path``; with ``weights`` also compare ONNX Runtime against torch."""
+    report = check_graph(load_onnx(path), str(path))
+    if weights is not None:
+        report.parity = check_parity(path, weights)
+    return report
