@@ -287,5 +287,140 @@ def verify(model: Path, checkpoint, as_json) -> None:
         raise click.exceptions.Exit(VERIFY_FAILED_EXIT)
 
 
+def _floats3(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not three numbers") from None
+    if len(numbers) != 3:
+        raise click.BadParameter(f"{value!r} must be three numbers (one per channel)")
+    return numbers
+
+
+def recipe_options(command):
+    """--mean/--std/--input-size/--resize/--allow-upscale: the recipe for graphs without rvdeploy metadata."""
+    for decorator in reversed([
+        click.option("--mean", callback=_floats3, help="Per-channel mean, e.g. 0.485,0.456,0.406 (graphs without metadata)."),
+        click.option("--std", callback=_floats3, help="Per-channel std, e.g. 0.229,0.224,0.225."),
+        click.option("--input-size", "recipe_size", type=SIZE, help="Model input size S or HxW (graphs without metadata)."),
+        click.option("--resize", type=click.IntRange(min=1), help="Shorter side before the centre crop (default: size / 0.875)."),
+        click.option("--allow-upscale", is_flag=True, help="Accept images smaller than the model input."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def _recipe(mean, std, size, resize):
+    from rvdeploy.preprocess import IMAGENET_CROP_RATIO, Preprocess
+
+    given = [v is not None for v in (mean, std, size)]
+    if not any(given) and resize is None:
+        return None
+    if not all(given):
+        raise RvdeployError("a preprocessing recipe needs all of --mean, --std and --input-size")
+    return Preprocess(size, resize or round(max(size) / IMAGENET_CROP_RATIO), mean, std)
+
+
+def _precision_summary(report) -> str:
+    kept = ", ".join(k.node for k in report.kept_fp32) or "none"
+    return (f"FP16: {report.nodes_fp16} nodes in FP16; kept in FP32: {kept}; "
+            f"{report.weights_flushed_to_zero} weights too small for FP16 (flushed to 0); "
+            f"ranges checked on {report.observed_inputs} {report.observed_on}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Graph to write.")
+@click.option("--fp16", "precision", flag_value="fp16", help="FP16 weights and compute.")
+@click.option("--int8", "precision", flag_value="int8", help="Explicit Q/DQ INT8 (needs --calib).")
+@click.option("--io-fp16", is_flag=True, help="FP16 model input and output too (default FP32).")
+@click.option("--calib", "calib_dir", type=click.Path(path_type=Path), help="Folder of calibration images (JPEG/PNG, recursive).")
+@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,
+              help="Q/DQ layout: TensorRT's, or the one ONNX Runtime on x86 CPUs runs fastest.")
+@click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default=None,
+              help="Calibration method (default: minmax, the best measured on the shipped model).")
+@click.option("--num-images", type=click.IntRange(min=1), help="Use the first N calibration images.")
+@click.option("--calib-cache", type=click.Path(path_type=Path), help="JSON cache of calibration ranges.")
+@click.option("--val", "val_dir", type=click.Path(path_type=Path), help="Validation folder (one sub-folder per class) for the accuracy guard.")
+@click.option("--max-top1-drop", type=click.FloatRange(min=0), help="Accuracy guard: allowed top-1 drop in points.")
+@recipe_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def quantize(model, output, precision, io_fp16, calib_dir, target, method, num_images, calib_cache, val_dir,
+             max_top1_drop, mean, std, recipe_size, resize, allow_upscale, as_json) -> None:
+    """Write an FP16 or INT8 (Q/DQ) graph of the FP32 ONNX MODEL."""
+    from rvdeploy.precision.quantize import DEFAULT_METHOD, quantize_fp16, quantize_int8_file
+
+    if precision is None:
+        raise RvdeployError("choose --fp16 or --int8")
+    recipe = _recipe(mean, std, recipe_size, resize)
+    if precision == "fp16":
+        report = quantize_fp16(model, output, io_fp16, calib_dir, num_images, recipe, allow_upscale)
+        data = {"precision": "fp16", "output": str(output), **report.to_dict()}
+        summary = _precision_summary(report)
+    else:
+        if calib_dir is None:
+            raise RvdeployError("--int8 needs calibration images: --calib DIR")
+        report = quantize_int8_file(model, output, calib_dir, target, method or DEFAULT_METHOD, num_images, calib_cache,
+                                    recipe, allow_upscale, val_dir, max_top1_drop, show_progress=not as_json)
+        data = {"precision": "int8", "output": str(output), **report.to_dict()}
+        calibrated = "from the cache" if report.from_cache else f"in {report.calibration_seconds:.1f} s"
+        summary = (f"INT8 ({report.target} layout, {report.method}): {report.quantized_nodes} layers quantized, "
+                   f"calibrated on {report.calibration_images} images {calibrated}"
+                   + (f", {report.skipped_images} unreadable images skipped" if report.skipped_images else ""))
+        if report.guard:
+            g = report.guard
+            summary += (f"\naccuracy guard: FP32 top-1 {g.fp32_top1:.2f}%, all-INT8 {g.int8_top1:.2f}%, final {g.final_top1:.2f}% "
+                        f"({len(g.fallback)} layers in FP32: {', '.join(g.fallback) or 'none'})"
+                        + ("" if g.met else f"; the {g.max_top1_drop} point limit was not met"))
+    if as_json:
+        _print_json(data)
+    else:
+        console.print(summary, highlight=False)
+        console.print(f"wrote {output}")
+
+
+@main.command(name="eval")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="Image folder with one sub-folder per class.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
+@recipe_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def eval_command(models, data_dir, device, batch, mean, std, recipe_size, resize, allow_upscale, as_json) -> None:
+    """Top-1 (and top-5) of one or more MODELS (checkpoint, .onnx or .engine) on DATA.
+
+    Several models are compared side by side, with the drop against the first.
+    """
+    from rvdeploy.data import DataError, labelled_folder
+    from rvdeploy.eval import evaluate
+    from rvdeploy.runners import open_runner
+
+    override = _recipe(mean, std, recipe_size, resize)
+    results = []
+    for path in models:
+        with open_runner(path, device) as runner:
+            recipe = override or runner.preprocess
+            if recipe is None:
+                raise DataError(f"{path} carries no preprocessing recipe: give --mean, --std and --input-size")
+            images = labelled_folder(data_dir, recipe, allow_upscale)
+            results.append(evaluate(runner, images, recipe, batch, show_progress=not as_json))
+    if as_json:
+        _print_json({"data": str(data_dir), "results": [r.to_dict() for r in results]})
+        return
+    has_top5 = any(r.top5 is not None for r in results)
+    table = Table(title=f"accuracy on {data_dir} ({results[0].images} images)")
+    for heading in ("model", "backend", "precision", "top-1 %", "Δ top-1") + (("top-5 %",) if has_top5 else ()):
+        table.add_column(heading, justify="left" if heading in ("model", "backend", "precision") else "right")
+    for r in results:
+        row = [r.model, r.backend, r.precision, f"{r.top1:.2f}", f"{r.top1 - results[0].top1:+.2f}"]
+        table.add_row(*row, *([f"{r.top5:.2f}" if r.top5 is not None else "-"] if has_top5 else []))
+    console.print(table)
+    if any(r.skipped for r in results):
+        console.print(f"{results[0].skipped} unreadable images skipped")
+
+
 if __name__ == "__main__":
     sys.exit(main())

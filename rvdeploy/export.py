@@ -71,6 +71,13 @@ def read_metadata(model: onnx.ModelProto) -> dict:
     return data
 
 
+def write_metadata(model: onnx.ModelProto, updates: dict) -> None:
+    """Set (or replace) rvdeploy metadata entries of ``model``, keeping every other entry."""
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({METADATA_PREFIX + k: json.dumps(v, sort_keys=True) for k, v in updates.items()})
+    onnx.helper.set_model_props(model, props)
+
+
 def export_onnx(
     weights: TrainWeights | DeployWeights,
     path: str | os.PathLike,
@@ -123,7 +130,7 @@ def export_onnx(
             meta["train_source_sha256"] = train_sha
     else:
         meta["source_sha256"] = train_sha
-    onnx.helper.set_model_props(graph, {METADATA_PREFIX + k: json.dumps(v, sort_keys=True) for k, v in meta.items()})
+    write_metadata(graph, meta)
     onnx.checker.check_model(graph, full_check=True)
     path = Path(path)
     with atomic_output(path) as tmp:

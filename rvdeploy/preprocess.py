@@ -38,13 +38,18 @@ def parse_size(value: int | str | tuple | list) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side to ``resize``, centre-crop ``input_size`` (h, w), scale to [0, 1], normalise."""
+    """Resize the shorter side to ``resize``, centre-crop ``input_size`` (h, w), scale to [0, 1], normalise.
+
+    ``upscale`` says the model was trained on images smaller than its input (enlarged by the resize),
+    so such images are expected rather than a mistake.
+    """
 
     input_size: tuple[int, int]
     resize: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+    upscale: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_size", parse_size(self.input_size))
@@ -81,6 +86,7 @@ class Preprocess:
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
+            "upscale": self.upscale,
         }
 
     @classmethod
@@ -92,6 +98,7 @@ class Preprocess:
                 mean=tuple(float(v) for v in data["mean"]),
                 std=tuple(float(v) for v in data["std"]),
                 interpolation=str(data.get("interpolation", "bilinear")),
+                upscale=bool(data.get("upscale", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RvdeployError(f"malformed preprocessing recipe: {exc!r}") from None

@@ -64,7 +64,8 @@ def main() -> None:
     plain = Preprocess(input_size=(32, 32), resize=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     train_raw = np.stack([plain.apply(images[i]) for i in train_idx])
     mean, std = float(train_raw.mean()), float(train_raw.std())
-    recipe = Preprocess(input_size=(32, 32), resize=32, mean=(mean,) * 3, std=(std,) * 3)
+    # The 8x8 digits are enlarged to the 32x32 input by design: images smaller than the input are expected.
+    recipe = Preprocess(input_size=(32, 32), resize=32, mean=(mean,) * 3, std=(std,) * 3, upscale=True)
 
     x_train = torch.from_numpy(np.stack([recipe.apply(images[i]) for i in train_idx]))
     y_train = torch.from_numpy(digits.target[train_idx]).long()

@@ -1,0 +1,75 @@
+"""Top-1 / top-5 accuracy of any runner on an image folder laid out one sub-folder per class."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from rvdeploy.data import DataError, ImageSet, batches
+from rvdeploy.preprocess import Preprocess
+from rvdeploy.progress import progress_bar
+from rvdeploy.runners import Runner
+
+TOP5_MIN_CLASSES = 10  # top-5 says little with fewer classes
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    model: str
+    backend: str
+    precision: str
+    images: int
+    top1: float  # percent
+    top5: float | None
+    skipped: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def predictions(runner: Runner, images: ImageSet, recipe: Preprocess, batch_size: int = 64,
+                show_progress: bool = False) -> tuple[np.ndarray, list[int]]:
+    """Logits for every image that decoded, and the indices of those images in ``images``."""
+    size = runner.fixed_batch or batch_size
+    logits, kept = [], []
+    with progress_bar(show_progress) as progress:
+        task = progress.add_task(f"evaluating {runner.name}", total=len(images))
+        for pixels, indices in batches(images, recipe, size):
+            real = len(pixels)
+            if runner.fixed_batch and real < size:  # pad a fixed-batch model's last batch
+                pixels = np.concatenate([pixels, np.repeat(pixels[-1:], size - real, axis=0)])
+            logits.append(runner.infer(pixels)[:real])
+            kept += indices
+            progress.advance(task, real)
+    return np.concatenate(logits), kept
+
+
+def evaluate(runner: Runner, images: ImageSet, recipe: Preprocess | None = None, batch_size: int = 64,
+             show_progress: bool = False) -> Accuracy:
+    """Accuracy of ``runner`` on labelled ``images`` with the model's recipe (or ``recipe``)."""
+    recipe = recipe or runner.preprocess
+    if recipe is None:
+        raise DataError(f"{runner.name} carries no preprocessing recipe: give --mean, --std and --input-size")
+    if runner.num_classes is not None and len(images.classes) != runner.num_classes:
+        raise DataError(
+            f"the data has {len(images.classes)} class folders, {runner.name} has {runner.num_classes} classes"
+        )
+    start = time.perf_counter()
+    logits, kept = predictions(runner, images, recipe, batch_size, show_progress)
+    labels = np.asarray([images.labels[i] for i in kept])
+    ranked = np.argsort(-logits, axis=1)
+    top1 = float((ranked[:, 0] == labels).mean() * 100)
+    top5 = float((ranked[:, :5] == labels[:, None]).any(axis=1).mean() * 100) if logits.shape[1] >= TOP5_MIN_CLASSES else None
+    return Accuracy(
+        model=runner.name,
+        backend=runner.backend,
+        precision=runner.precision,
+        images=len(kept),
+        top1=top1,
+        top5=top5,
+        skipped=len(images.skipped),
+        seconds=time.perf_counter() - start,
+    )
