@@ -1,0 +1,355 @@
+"""FP16 and INT8 graphs: their layout, their accuracy on real data, calibration, the guard, and
+NVIDIA's own TensorRT-RTX builder compiling every graph the precision stage produces."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import numpy_helper
+
+from rvdeploy.checkpoint import load_train_weights
+from rvdeploy.data import labelled_folder
+from rvdeploy.engine.build import EngineBuildError, compile_onnx, load_backend
+from rvdeploy.eval import evaluate
+from rvdeploy.export import ExportOptions, export_onnx, read_metadata, write_metadata
+from rvdeploy.precision.calib import CalibrationError
+from rvdeploy.precision.fp16 import FP16_MAX, convert_fp16
+from rvdeploy.precision.quantize import quantize_fp16, quantize_int8_file
+from rvdeploy.reparam import fuse
+from rvdeploy.runners import OrtRunner
+
+from conftest import DIGITS_CKPT, ROOT
+from test_cli import assert_one_line_error, run
+
+CALIB = ROOT / "calib" / "digits"
+HELDOUT = ROOT / "models" / "digits" / "heldout"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("precision")
+
+
+@pytest.fixture(scope="module")
+def fp32(work) -> Path:
+    return export_onnx(fuse(load_train_weights(DIGITS_CKPT))[0], work / "fp32.onnx", ExportOptions())
+
+
+def top1(path) -> float:
+    with OrtRunner(path) as runner:
+        return evaluate(runner, labelled_folder(HELDOUT, runner.preprocess)).top1
+
+
+def logits(path, batch) -> np.ndarray:
+    with OrtRunner(path) as runner:
+        return runner.infer(batch)
+
+
+@pytest.fixture(scope="module")
+def probe(fp32) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((6, 3, 32, 32), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def int8_trt(work, fp32) -> Path:
+    quantize_int8_file(fp32, work / "int8_trt.onnx", CALIB, "tensorrt", show_progress=False)
+    return work / "int8_trt.onnx"
+
+
+@pytest.fixture(scope="module")
+def int8_ort(work, fp32) -> Path:
+    quantize_int8_file(fp32, work / "int8_ort.onnx", CALIB, "onnxruntime", show_progress=False)
+    return work / "int8_ort.onnx"
+
+
+@pytest.fixture(scope="module")
+def builder():
+    return load_backend("tensorrt-rtx")
+
+
+# -- FP16 ------------------------------------------------------------------------------------
+def test_fp16_graph_is_typed_and_keeps_accuracy(work, fp32, probe):
+    out = work / "fp16.onnx"
+    report = quantize_fp16(fp32, out)
+    model = onnx.load(out)
+    assert report.kept_fp32 == [] and report.observed_on == "random probes"
+    assert {init.data_type for init in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [n.op_type for n in model.graph.node].count("Cast") == 2
+    meta = read_metadata(model)
+    assert meta["precision"] == "fp16" and meta["num_classes"] == 10  # the export's metadata travels on
+    reference = logits(fp32, probe)
+    assert np.abs(logits(out, probe) - reference).max() <= 1e-2 * np.abs(reference).max()
+    assert abs(top1(out) - top1(fp32)) <= 0.1
+
+
+def test_fp16_io(work, fp32, probe):
+    out = work / "fp16_io.onnx"
+    quantize_fp16(fp32, out, io_fp16=True, calib_dir=CALIB)
+    model = onnx.load(out)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert "Cast" not in {n.op_type for n in model.graph.node}
+    reference = logits(fp32, probe)
+    assert np.abs(logits(out, probe) - reference).max() <= 1e-2 * np.abs(reference).max()
+
+
+def _rescaled(model: onnx.ModelProto, layer: int, scale: float) -> onnx.ModelProto:
+    """The same function with layer ``layer``'s output multiplied by ``scale`` and the next layer's
+    weights divided by it (ReLU is positively homogeneous): FP32 outputs are unchanged."""
+    graph = gs.import_onnx(model)
+    convs = [n for n in graph.nodes if n.op == "Conv"]
+    w, b = convs[layer].inputs[1], convs[layer].inputs[2]
+    w.values, b.values = w.values * scale, b.values * scale
+    convs[layer + 1].inputs[1].values = convs[layer + 1].inputs[1].values / scale
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    out.metadata_props.extend(model.metadata_props)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the naive conversion below overflows on purpose
+def test_fp16_keeps_out_of_range_layers_in_fp32(work, fp32, probe):
+    big = work / "big.onnx"
+    onnx.save(_rescaled(onnx.load(fp32), layer=3, scale=1e5), big)
+    reference = logits(fp32, probe)
+    assert np.abs(logits(big, probe) - reference).max() <= 1e-4 * np.abs(reference).max()
+    out = work / "big_fp16.onnx"
+    report = quantize_fp16(big, out, calib_dir=CALIB)
+    kept = {k.node for k in report.kept_fp32}
+    assert {"/stage2/stage2.0/rbr_reparam/Conv", "/stage2/stage2.0/nonlinearity/Relu", "/stage2/stage2.1/rbr_reparam/Conv"} <= kept
+    assert any("reaches" in k.reason and float(k.reason.rsplit(" ", 1)[1]) > FP16_MAX for k in report.kept_fp32)
+    assert np.abs(logits(out, probe) - reference).max() <= 1e-2 * np.abs(reference).max()
+    # Without the fallback FP16 overflows: the check is what keeps the output right.
+    naive = work / "naive_fp16.onnx"
+    onnx.save(convert_fp16(onnx.load(big)), naive)
+    broken = logits(naive, probe)
+    assert not np.isfinite(broken).all() or np.abs(broken - reference).max() > 0.5 * np.abs(reference).max()
+
+
+# -- INT8 ------------------------------------------------------------------------------------
+def _initializers(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_int8_tensorrt_layout_follows_tensorrt_rules(int8_trt):
+    model = onnx.load(int8_trt)
+    assert model.opset_import[0].version >= 13
+    inits = _initializers(model)
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert quantize and dequantize
+    for node in quantize + dequantize:
+        zero_point = inits[node.input[2]]
+        assert zero_point.dtype == np.int8 and not zero_point.any(), node.name  # symmetric int8
+        assert all(c.op_type in ("Conv", "Gemm", "DequantizeLinear") for c in consumers[node.output[0]])
+    for node in dequantize:
+        assert inits.get(node.input[0], np.zeros(1, np.int8)).dtype != np.int32, "no int32 bias"
+        scale = inits[node.input[1]]
+        if node.input[0] in inits:  # a weight: per-channel on the output-channel axis
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            assert axis == 0 and scale.shape == (inits[node.input[0]].shape[0],), node.name
+        else:  # an activation: per-tensor
+            assert scale.shape == (), node.name
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            assert producers[node.input[1]].op_type == "DequantizeLinear"  # weight quantized
+            assert producers[node.input[0]].op_type == "DequantizeLinear"  # activation quantized
+            assert node.input[2] in inits and inits[node.input[2]].dtype == np.float32  # bias stays float
+            assert all(c.op_type != "QuantizeLinear" for c in consumers.get(node.output[0], []))  # no output Q/DQ
+    assert read_metadata(model)["int8_target"] == "tensorrt"
+
+
+def test_int8_onnxruntime_layout_is_uint8_activations_int8_weights(int8_ort):
+    model = onnx.load(int8_ort)
+    inits = _initializers(model)
+    activation_zero_points = {inits[n.input[2]].dtype for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    weight_types = {inits[n.input[0]].dtype for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    assert activation_zero_points == {np.dtype(np.uint8)}
+    assert np.dtype(np.int8) in weight_types
+
+
+def test_int8_accuracy_on_the_heldout_split(fp32, int8_trt, int8_ort):
+    reference = top1(fp32)
+    assert reference >= 99.0
+    assert reference - top1(int8_trt) <= 0.5
+    assert reference - top1(int8_ort) <= 0.5
+
+
+def test_calibration_cache_hits_and_misses(work, fp32):
+    cache = work / "calib-cache.json"
+    first = quantize_int8_file(fp32, work / "c1.onnx", CALIB, method="minmax", cache_path=cache, show_progress=False)
+    second = quantize_int8_file(fp32, work / "c2.onnx", CALIB, method="minmax", cache_path=cache, show_progress=False)
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert (work / "c1.onnx").read_bytes() == (work / "c2.onnx").read_bytes()
+    other = quantize_int8_file(fp32, work / "c3.onnx", CALIB, method="percentile", cache_path=cache, show_progress=False)
+    assert not other.from_cache
+    fewer = quantize_int8_file(fp32, work / "c4.onnx", CALIB, method="minmax", num_images=64, cache_path=cache, show_progress=False)
+    assert not fewer.from_cache and fewer.calibration_images == 64
+    entries = json.loads(cache.read_text())["entries"]
+    assert len(entries) == 3
+    from rvdeploy.files import sha256_file
+    assert all(key.startswith(sha256_file(fp32)) for key in entries)
+    cache.write_text("{not json")
+    with pytest.raises(CalibrationError, match="is not readable JSON"):
+        quantize_int8_file(fp32, work / "c5.onnx", CALIB, cache_path=cache, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def outlier_model(work, fp32) -> Path:
+    """The digits net with one channel of layer 4 scaled by 400 and layer 5 compensating: the same
+    FP32 function, but per-tensor INT8 of layer 5's input crushes every other channel."""
+    model = onnx.load(fp32)
+    graph = gs.import_onnx(model)
+    convs = [n for n in graph.nodes if n.op == "Conv"]
+    w, b, nxt = convs[4].inputs[1], convs[4].inputs[2], convs[5].inputs[1]
+    w.values[0] *= 400.0
+    b.values[0] *= 400.0
+    nxt.values[:, 0] /= 400.0
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    out.metadata_props.extend(model.metadata_props)
+    path = work / "outlier.onnx"
+    onnx.save(out, path)
+    return path
+
+
+def test_accuracy_guard_falls_back_the_sensitive_layer(work, fp32, outlier_model):
+    assert abs(top1(outlier_model) - top1(fp32)) < 1e-9
+    plain = quantize_int8_file(outlier_model, work / "outlier_int8.onnx", CALIB, show_progress=False)
+    assert plain.fp32_nodes == []
+    drop_unguarded = top1(fp32) - top1(work / "outlier_int8.onnx")
+    assert drop_unguarded > 1.0
+    guarded = quantize_int8_file(outlier_model, work / "guarded.onnx", CALIB, val_dir=HELDOUT, max_top1_drop=0.5,
+                                 show_progress=False)
+    report = guarded.guard
+    assert report.met and report.fp32_top1 - report.final_top1 <= 0.5
+    assert report.int8_top1 == pytest.approx(top1(fp32) - drop_unguarded)
+    assert guarded.fp32_nodes[0] == "/stage3/stage3.0/rbr_reparam/Conv"  # the layer reading the outlier channel
+    assert len(report.sensitivities) == 9 and len(guarded.fp32_nodes) < 9
+    model = onnx.load(work / "guarded.onnx")
+    assert read_metadata(model)["fp32_nodes"] == guarded.fp32_nodes
+    assert top1(fp32) - top1(work / "guarded.onnx") <= 0.5
+
+
+# -- TensorRT-RTX compiles every graph the stage produces ------------------------------------
+@pytest.mark.parametrize("graph", ["fp32", "fp16", "int8_trt", "guarded"])
+def test_tensorrt_rtx_builds_every_produced_graph(work, builder, request, graph):
+    if graph in ("fp32", "int8_trt"):
+        path = request.getfixturevalue(graph)
+    else:
+        request.getfixturevalue("fp32")
+        if graph == "guarded":
+            request.getfixturevalue("outlier_model")
+            if not (work / "guarded.onnx").exists():
+                quantize_int8_file(work / "outlier.onnx", work / "guarded.onnx", CALIB, val_dir=HELDOUT,
+                                   max_top1_drop=0.5, show_progress=False)
+        elif not (work / "fp16.onnx").exists():
+            quantize_fp16(work / "fp32.onnx", work / "fp16.onnx")
+        path = work / f"{graph}.onnx"
+    engine = compile_onnx(path, builder)
+    assert len(engine) > 100_000
+
+
+def test_tensorrt_rtx_rejects_the_cpu_layout_naming_the_node(builder, int8_ort):
+    with pytest.raises(EngineBuildError, match=r"tensorrt-rtx cannot parse .*node input_QuantizeLinear \(QuantizeLinear\): .*zero point"):
+        compile_onnx(int8_ort, builder)
+
+
+# -- bad input -------------------------------------------------------------------------------
+def test_quantize_bad_inputs(work, fp32, tmp_path):
+    out = tmp_path / "q.onnx"
+    assert_one_line_error(*run("quantize", fp32, "--int8", "-o", out), r"--int8 needs calibration images: --calib DIR")
+    assert_one_line_error(*run("quantize", fp32, "-o", out), r"choose --fp16 or --int8")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(*run("quantize", fp32, "--int8", "--calib", tmp_path / "empty", "-o", out), r"holds no JPEG or PNG images")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("no images here")
+    assert_one_line_error(*run("quantize", fp32, "--int8", "--calib", tmp_path / "text", "-o", out), r"holds no JPEG or PNG images")
+    assert_one_line_error(*run("quantize", fp32, "--int8", "--calib", tmp_path / "nowhere", "-o", out), r"nowhere: no such directory")
+    (tmp_path / "broken").mkdir()
+    for i in range(3):
+        (tmp_path / "broken" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    assert_one_line_error(*run("quantize", fp32, "--int8", "--calib", tmp_path / "broken", "-o", out),
+                          r"none of the 3 calibration images could be read")
+    assert not out.exists()
+
+
+def test_corrupt_images_are_skipped_and_counted(work, fp32, tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for source in sorted(CALIB.glob("*.png"))[:20]:
+        (mixed / source.name).write_bytes(source.read_bytes())
+    (mixed / "bad.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    report = quantize_int8_file(fp32, tmp_path / "q.onnx", mixed, show_progress=False)
+    assert report.calibration_images == 20 and report.skipped_images == 1
+
+
+def test_images_smaller_than_the_input_are_refused(tmp_path, small_spec, small_state):
+    from rvdeploy.weights import TrainWeights
+
+    deploy, _ = fuse(TrainWeights(small_spec, small_state))
+    model = export_onnx(deploy, tmp_path / "m.onnx", ExportOptions(input_size=(64, 64)))  # ImageNet recipe, no upscale
+    out = tmp_path / "q.onnx"
+    assert_one_line_error(*run("quantize", model, "--int8", "--calib", CALIB, "-o", out),
+                          r"256 of 256 calibration images are smaller than the 64x64 model input .*8x8.*--allow-upscale")
+    code, _, stderr = run("quantize", model, "--int8", "--calib", CALIB, "--allow-upscale", "--json", "-o", out)
+    assert code == 0, stderr
+
+
+def test_graph_without_metadata_needs_a_recipe(fp32, tmp_path):
+    bare = onnx.load(fp32)
+    del bare.metadata_props[:]
+    onnx.save(bare, tmp_path / "bare.onnx")
+    out = tmp_path / "q.onnx"
+    assert_one_line_error(*run("quantize", tmp_path / "bare.onnx", "--int8", "--calib", CALIB, "-o", out),
+                          r"not an rvdeploy export \(no preprocessing metadata\): give --mean, --std and --input-size")
+    code, stdout, stderr = run("quantize", tmp_path / "bare.onnx", "--int8", "--calib", CALIB, "-o", out, "--json",
+                               "--mean", "0.3,0.3,0.3", "--std", "0.32,0.32,0.32", "--input-size", "32", "--allow-upscale")
+    assert code == 0, stderr
+    assert json.loads(stdout)["calibration_images"] == 256
+    assert_one_line_error(*run("quantize", tmp_path / "bare.onnx", "--fp16", "-o", out, "--mean", "0.3,0.3"),
+                          r"must be three numbers")
+
+
+def test_quantizing_a_quantized_graph_is_refused(int8_trt, tmp_path):
+    assert_one_line_error(*run("quantize", int8_trt, "--fp16", "-o", tmp_path / "x.onnx"),
+                          r"already a int8 graph: quantize its FP32 export instead")
+
+
+def test_metadata_round_trip_keeps_other_entries(fp32):
+    model = onnx.load(fp32)
+    model.metadata_props.add(key="someone.else", value="kept")
+    write_metadata(model, {"precision": "fp16"})
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["someone.else"] == "kept" and read_metadata(model)["precision"] == "fp16"
+
+
+# -- eval ------------------------------------------------------------------------------------
+def test_eval_compares_models_side_by_side(fp32, int8_trt):
+    code, stdout, stderr = run("eval", DIGITS_CKPT, fp32, int8_trt, "--data", HELDOUT, "--json")
+    assert code == 0, stderr
+    results = json.loads(stdout)["results"]
+    assert [r["backend"] for r in results] == ["torch", "onnxruntime", "onnxruntime"]
+    assert [r["precision"] for r in results] == ["fp32", "fp32", "int8/tensorrt"]
+    assert results[0]["top1"] == pytest.approx(results[1]["top1"])  # fold + export keep every prediction
+    assert all(r["images"] == 360 and r["top5"] is not None for r in results)
+    code, stdout, _ = run("eval", fp32, int8_trt, "--data", HELDOUT)
+    assert code == 0 and "Δ top-1" in stdout and "+0.00" in stdout
+
+
+def test_eval_bad_inputs(fp32, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes((CALIB / "0011.png").read_bytes())
+    assert_one_line_error(*run("eval", fp32, "--data", tmp_path), r"the data has 1 class folders, fp32.onnx has 10 classes")
+    assert_one_line_error(*run("eval", tmp_path / "m.onnx", "--data", HELDOUT), r"m\.onnx: no such file")
+    assert_one_line_error(*run("eval", fp32, "--data", tmp_path / "a" / "x.png"), r"is not a directory")
