@@ -30,6 +30,14 @@ demo: install
 	$(RVDEPLOY) fuse $(DEMO_CKPT) -o $(DEMO)/digits_fused.pth
 	$(RVDEPLOY) export $(DEMO)/digits_fused.pth --onnx $(DEMO)/digits.onnx
 	$(RVDEPLOY) verify $(DEMO)/digits.onnx --checkpoint $(DEMO_CKPT)
+	$(RVDEPLOY) quantize $(DEMO)/digits.onnx --fp16 -o $(DEMO)/digits_fp16.onnx --calib calib/digits
+	$(RVDEPLOY) quantize $(DEMO)/digits.onnx --int8 --calib calib/digits --target tensorrt \
+		--calib-cache $(DEMO)/calib-cache.json -o $(DEMO)/digits_int8_tensorrt.onnx \
+		--val models/digits/heldout --max-top1-drop 0.5
+	$(RVDEPLOY) quantize $(DEMO)/digits.onnx --int8 --calib calib/digits --target onnxruntime \
+		--calib-cache $(DEMO)/calib-cache.json -o $(DEMO)/digits_int8_onnxruntime.onnx
+	$(RVDEPLOY) eval --compare $(DEMO)/digits.onnx $(DEMO)/digits_fp16.onnx $(DEMO)/digits_int8_tensorrt.onnx \
+		$(DEMO)/digits_int8_onnxruntime.onnx --data models/digits/heldout
 
 test: install
 	$(PY) -m pytest -q

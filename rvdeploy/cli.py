@@ -371,9 +371,10 @@ def quantize(model, output, precision, io_fp16, calib_dir, target, method, num_i
                    + (f", {report.skipped_images} unreadable images skipped" if report.skipped_images else ""))
         if report.guard:
             g = report.guard
-            summary += (f"\naccuracy guard: FP32 top-1 {g.fp32_top1:.2f}%, all-INT8 {g.int8_top1:.2f}%, final {g.final_top1:.2f}% "
-                        f"({len(g.fallback)} layers in FP32: {', '.join(g.fallback) or 'none'})"
-                        + ("" if g.met else f"; the {g.max_top1_drop} point limit was not met"))
+            fallback = f"{len(g.fallback)} layers kept in FP32: {', '.join(g.fallback)}" if g.fallback else "no layer needed FP32"
+            summary += (f"\naccuracy guard (≤ {g.max_top1_drop} points): FP32 top-1 {g.fp32_top1:.2f}%, all-INT8 "
+                        f"{g.int8_top1:.2f}%, final {g.final_top1:.2f}%; {fallback}"
+                        + ("" if g.met else "; the limit was not met"))
     if as_json:
         _print_json(data)
     else:
@@ -387,12 +388,14 @@ def quantize(model, output, precision, io_fp16, calib_dir, target, method, num_i
               help="Image folder with one sub-folder per class.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--compare", is_flag=True, help="Compare the MODELS side by side (implied by more than one).")
 @recipe_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def eval_command(models, data_dir, device, batch, mean, std, recipe_size, resize, allow_upscale, as_json) -> None:
+def eval_command(models, data_dir, device, batch, compare, mean, std, recipe_size, resize, allow_upscale, as_json) -> None:
     """Top-1 (and top-5) of one or more MODELS (checkpoint, .onnx or .engine) on DATA.
 
-    Several models are compared side by side, with the drop against the first.
+    Several models (rvdeploy eval --compare A B C --data DIR) are compared side by side, with the
+    drop against the first.
     """
     from rvdeploy.data import DataError, labelled_folder
     from rvdeploy.eval import evaluate
@@ -413,7 +416,8 @@ def eval_command(models, data_dir, device, batch, mean, std, recipe_size, resize
     has_top5 = any(r.top5 is not None for r in results)
     table = Table(title=f"accuracy on {data_dir} ({results[0].images} images)")
     for heading in ("model", "backend", "precision", "top-1 %", "Δ top-1") + (("top-5 %",) if has_top5 else ()):
-        table.add_column(heading, justify="left" if heading in ("model", "backend", "precision") else "right")
+        table.add_column(heading, justify="left" if heading in ("model", "backend", "precision") else "right",
+                         overflow="fold")
     for r in results:
         row = [r.model, r.backend, r.precision, f"{r.top1:.2f}", f"{r.top1 - results[0].top1:+.2f}"]
         table.add_row(*row, *([f"{r.top5:.2f}" if r.top5 is not None else "-"] if has_top5 else []))

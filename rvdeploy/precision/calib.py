@@ -31,6 +31,7 @@ from rvdeploy.progress import progress_bar
 
 METHODS = ("entropy", "percentile", "minmax")
 QUANTIZED_OPS = ("Conv", "Gemm")
+CALIBRATED_OPS = (*QUANTIZED_OPS, "Relu")  # Relu ranges let the CPU layout fold Relu into its Q/DQ
 HISTOGRAM_BINS = 2048
 CACHE_FORMAT = "rvdeploy-calibration-cache/1"
 
@@ -129,7 +130,7 @@ def measure_ranges(model_path: str | os.PathLike, images: ImageSet, recipe: Prep
     model = onnx.load(str(model_path), load_external_data=False)
     with tempfile.TemporaryDirectory(prefix="rvdeploy-calib-") as tmp, quiet_onnxruntime_tools():
         calibrator = create_calibrator(
-            Path(model_path), list(QUANTIZED_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            Path(model_path), list(CALIBRATED_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=methods[method],
             # onnxruntime's entropy default (128 bins for 128 quantized bins) leaves it no threshold to
             # choose but the maximum; TensorRT's entropy calibrator uses 2048 bins.

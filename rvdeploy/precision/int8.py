@@ -7,7 +7,8 @@ onnxruntime's static quantizer places the Q/DQ nodes; these options make its out
   only on the inputs of Conv and Gemm (not their outputs), the bias left in float (the parser
   rejects an int32 DequantizeLinear).
 - ``onnxruntime``: what ONNX Runtime on x86 CPUs runs fastest: uint8 activations (asymmetric), int8
-  per-channel weights, Q/DQ around Conv/Gemm outputs too, so it fuses them into QLinearConv.
+  per-channel weights, Relu quantized too so that it folds into the Q/DQ between layers: each layer
+  becomes one QLinearConv with no dequantize/requantize in between.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from rvdeploy.precision.calib import QUANTIZED_OPS, Calibration, quiet_onnxruntime_tools
+from rvdeploy.precision.calib import CALIBRATED_OPS, QUANTIZED_OPS, Calibration, quiet_onnxruntime_tools
 
 TARGETS = ("tensorrt", "onnxruntime")
 
@@ -28,12 +29,13 @@ TARGETS = ("tensorrt", "onnxruntime")
 class TargetOptions:
     activation_type: str  # onnxruntime QuantType name
     weight_type: str
+    op_types: tuple[str, ...]
     extra_options: dict
 
 
 def target_options(target: str) -> TargetOptions:
     if target == "tensorrt":
-        return TargetOptions("QInt8", "QInt8", {
+        return TargetOptions("QInt8", "QInt8", QUANTIZED_OPS, {
             "ActivationSymmetric": True,
             "WeightSymmetric": True,
             "QuantizeBias": False,
@@ -42,7 +44,7 @@ def target_options(target: str) -> TargetOptions:
             "QDQKeepRemovableActivations": True,
         })
     if target == "onnxruntime":
-        return TargetOptions("QUInt8", "QInt8", {"ActivationSymmetric": False, "WeightSymmetric": True})
+        return TargetOptions("QUInt8", "QInt8", CALIBRATED_OPS, {"ActivationSymmetric": False, "WeightSymmetric": True})
     raise ValueError(f"unknown INT8 target {target!r}; choose {', '.join(TARGETS)}")
 
 
@@ -73,7 +75,7 @@ def quantize_int8(
             calibration_cache_path=str(ranges),  # ranges measured (or cached) by rvdeploy.precision.calib
             calibrate_method=_method_enum(calibration.method),
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS),
+            op_types_to_quantize=list(options.op_types),
             per_channel=True,
             reduce_range=False,
             activation_type=QuantType[options.activation_type],
