@@ -36,6 +36,10 @@ demo: install
 		--val models/digits/heldout --max-top1-drop 0.5
 	$(RVDEPLOY) quantize $(DEMO)/digits.onnx --int8 --calib calib/digits --target onnxruntime \
 		--calib-cache $(DEMO)/calib-cache.json -o $(DEMO)/digits_int8_onnxruntime.onnx
+	$(RVDEPLOY) build-engine $(DEMO)/digits.onnx -o $(DEMO)/digits_fp32.engine
+	$(RVDEPLOY) build-engine $(DEMO)/digits.onnx --fp16 --calib calib/digits -o $(DEMO)/digits_fp16.engine
+	$(RVDEPLOY) build-engine $(DEMO)/digits.onnx --int8 --calib calib/digits --calib-cache $(DEMO)/calib-cache.json \
+		-o $(DEMO)/digits_int8.engine
 	$(RVDEPLOY) eval --compare $(DEMO)/digits.onnx $(DEMO)/digits_fp16.onnx $(DEMO)/digits_int8_tensorrt.onnx \
 		$(DEMO)/digits_int8_onnxruntime.onnx --data models/digits/heldout
 

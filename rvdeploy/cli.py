@@ -16,7 +16,7 @@ from rvdeploy import __version__
 from rvdeploy.errors import RvdeployError
 from rvdeploy.preprocess import parse_size
 
-console = Console()
+console = Console(soft_wrap=True)  # messages are not hard-wrapped: logs and pipes get whole lines
 INTERNAL_ERROR_EXIT = 70
 VERIFY_FAILED_EXIT = 4
 
@@ -424,6 +424,74 @@ def eval_command(models, data_dir, device, batch, compare, mean, std, recipe_siz
     console.print(table)
     if any(r.skipped for r in results):
         console.print(f"{results[0].skipped} unreadable images skipped")
+
+
+@main.command(name="build-engine")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Engine file to write.")
+@click.option("--fp16", "precision", flag_value="fp16", help="Build from the FP16 graph (made first, kept next to the engine).")
+@click.option("--int8", "precision", flag_value="int8", help="Build from the INT8 Q/DQ graph (needs --calib).")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
+              help="auto prefers TensorRT when it imports.")
+@click.option("--min-batch", type=int, help="Smallest batch of the profile (default 1).")
+@click.option("--opt-batch", type=int, help="Batch the builder optimises for (default 8).")
+@click.option("--max-batch", type=int, help="Largest batch of the profile (default 32).")
+@click.option("--workspace", type=float, help="Builder workspace limit in MB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="Timing cache file (read and updated; TensorRT only).")
+@click.option("--opt-level", type=int, help="Builder optimisation level 0-5.")
+@click.option("--tf32", is_flag=True, help="Allow TF32 for FP32 layers (off: FP32 engines match ONNX Runtime).")
+@click.option("--force", is_flag=True, help="Rebuild even when the sidecar shows an identical build.")
+@click.option("--io-fp16", is_flag=True, help="With --fp16: FP16 input and output too.")
+@click.option("--calib", "calib_dir", type=click.Path(path_type=Path), help="With --int8: calibration images.")
+@click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), help="With --int8: calibration method.")
+@click.option("--num-images", type=click.IntRange(min=1), help="With --int8: use the first N calibration images.")
+@click.option("--calib-cache", type=click.Path(path_type=Path), help="With --int8: cache of calibration ranges.")
+@click.option("--val", "val_dir", type=click.Path(path_type=Path), help="With --int8: validation folder for the accuracy guard.")
+@click.option("--max-top1-drop", type=click.FloatRange(min=0), help="With --int8: allowed top-1 drop in points.")
+@click.option("--allow-upscale", is_flag=True, help="Accept calibration images smaller than the model input.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar as JSON.")
+def build_engine_command(model, output, precision, backend, min_batch, opt_batch, max_batch, workspace, timing_cache,
+                         opt_level, tf32, force, io_fp16, calib_dir, method, num_images, calib_cache, val_dir,
+                         max_top1_drop, allow_upscale, as_json) -> None:
+    """Build a TensorRT engine of MODEL (FP32, or FP16 / INT8 after the precision step)."""
+    from rvdeploy.engine.build import BuildSettings, build_engine
+    from rvdeploy.precision.quantize import DEFAULT_METHOD, quantize_fp16, quantize_int8_file
+
+    if workspace is not None and workspace <= 0:
+        raise RvdeployError(f"--workspace must be a positive number of MB, got {workspace:g}")
+    settings = BuildSettings(min_batch, opt_batch, max_batch, None if workspace is None else max(1, round(workspace)),
+                             opt_level, tf32, str(timing_cache) if timing_cache else None)
+    if not Path(model).is_file():
+        raise RvdeployError(f"{model}: no such file")
+    source = model
+    if precision:
+        # The typed graph is kept next to the engine: OUT.onnx, unless that is MODEL itself.
+        source = output.with_suffix(".onnx")
+        if source.resolve() == Path(model).resolve():
+            source = output.with_suffix(f".{precision}.onnx")
+    if precision == "fp16":
+        quantize_fp16(model, source, io_fp16, calib_dir, num_images, None, allow_upscale)
+    elif precision == "int8":
+        if calib_dir is None:
+            raise RvdeployError("--int8 needs calibration images: --calib DIR")
+        quantize_int8_file(model, source, calib_dir, "tensorrt", method or DEFAULT_METHOD, num_images, calib_cache, None,
+                           allow_upscale, val_dir, max_top1_drop, show_progress=not as_json)
+    result = build_engine(source, output, backend, settings, force)
+    if as_json:
+        _print_json({"skipped": result.skipped, **result.sidecar})
+        return
+    side = result.sidecar
+    if result.skipped:
+        console.print(f"{output} is up to date (identical build recorded in {output.name}.json); --force rebuilds it")
+        return
+    where = f"on {side['gpu']['name']}" if side["gpu"] else "ahead of time, without a GPU"
+    profile = side["profiles"][0]
+    console.print(
+        f"built {output} ({side['precision']}, {side['backend']} {side['library_version']}, batch "
+        f"{profile['min'][0]}..{profile['max'][0]} opt {profile['opt'][0]}, {side['engine_bytes'] / 1e6:.1f} MB) "
+        f"{where} in {side['build_seconds']:.2f} s" + (f"; typed graph {source}" if source != model else ""),
+        highlight=False,
+    )
 
 
 if __name__ == "__main__":

@@ -1,28 +1,42 @@
-"""TensorRT engine building: strongly typed networks from ONNX, with the TensorRT or TensorRT-RTX builder.
+"""TensorRT engines from typed ONNX graphs, with the TensorRT or the TensorRT-RTX builder.
 
-TensorRT 11 has no precision flags: the ONNX graph's types (FP16 tensors, Q/DQ nodes) decide.
-Both libraries share one API; the differences are isolated in :class:`Backend`.
+TensorRT 11 networks are strongly typed: there are no precision builder flags; the graph's FP16
+tensors and Q/DQ nodes decide. Both libraries share one Python API, so there is one code path;
+what differs (the strongly-typed flag, timing caches) lives in :class:`Backend`.
+
+Every engine gets a sidecar ``<engine>.json`` recording what was compiled, how, with which library
+and on which GPU; a rebuild with identical inputs and settings is skipped.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import onnx
+
+from rvdeploy import __version__
 from rvdeploy.errors import RvdeployError
+from rvdeploy.export import read_metadata
+from rvdeploy.files import atomic_output, sha256_file
 
 BACKENDS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 INSTALL_HINT = {
-    "tensorrt": "pip install 'rvdeploy[gpu]' (TensorRT 11 for data-center GPUs and Jetson)",
+    "tensorrt": "pip install 'rvdeploy[gpu]' (TensorRT 11, for data-center GPUs and Jetson)",
     "tensorrt-rtx": "pip install tensorrt-rtx-cu13 (TensorRT for RTX; builds ahead of time without a GPU)",
 }
+SIDECAR_FORMAT = "rvdeploy-engine/1"
+DEFAULT_BATCHES = (1, 8, 32)
 
 
 class EngineBuildError(RvdeployError):
-    """A graph the builder rejects, or no builder at all."""
+    """A graph the builder rejects, settings that make no sense, or no builder at all."""
 
 
 @dataclass(frozen=True)
@@ -34,10 +48,16 @@ class Backend:
     def version(self) -> str:
         return self.trt.__version__
 
-    def network_flags(self) -> int:
+    @property
+    def strongly_typed_flag(self) -> int:
         # TensorRT-RTX networks are always strongly typed; TensorRT 11 takes the flag explicitly.
-        flag = getattr(self.trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-        return 1 << int(flag) if flag is not None and self.name == "tensorrt" else 0
+        if self.name == "tensorrt-rtx":
+            return 0
+        return 1 << int(self.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+    @property
+    def uses_timing_cache(self) -> bool:
+        return self.name == "tensorrt"  # TensorRT-RTX's timing-cache calls are no-ops
 
 
 def load_backend(name: str = "auto") -> Backend:
@@ -54,7 +74,7 @@ def load_backend(name: str = "auto") -> Backend:
     raise EngineBuildError(f"no TensorRT builder is installed ({' or '.join(candidates)}): {hints}")
 
 
-def _collecting_logger(trt: ModuleType):
+def collecting_logger(trt: ModuleType):
     """A logger that keeps TensorRT's messages instead of printing them: errors reach the user as one line."""
 
     class CollectingLogger(trt.ILogger):
@@ -68,37 +88,202 @@ def _collecting_logger(trt: ModuleType):
     return CollectingLogger()
 
 
+@dataclass(frozen=True)
+class BuildSettings:
+    min_batch: int | None = None  # None: the defaults for a dynamic batch, the graph's own when fixed
+    opt_batch: int | None = None
+    max_batch: int | None = None
+    workspace_mb: int | None = None
+    opt_level: int | None = None
+    tf32: bool = False
+    timing_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [b for b in (self.min_batch, self.opt_batch, self.max_batch) if b is not None]
+        if any(b < 1 for b in given):
+            raise EngineBuildError("batch sizes must be positive")
+        lo, opt, hi = self.batches(DEFAULT_BATCHES)
+        if not lo <= opt <= hi:
+            raise EngineBuildError(f"batch profile must satisfy min <= opt <= max, got min {lo}, opt {opt}, max {hi}")
+        if self.workspace_mb is not None and self.workspace_mb <= 0:
+            raise EngineBuildError(f"workspace must be a positive number of MB, got {self.workspace_mb}")
+        if self.opt_level is not None and not 0 <= self.opt_level <= 5:
+            raise EngineBuildError(f"optimisation level must be 0 to 5, got {self.opt_level}")
+
+    def batches(self, defaults: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(min, opt, max): given values, the rest from ``defaults`` clamped around them."""
+        lo = self.min_batch if self.min_batch is not None else min(defaults[0], self.opt_batch or defaults[0], self.max_batch or defaults[0])
+        hi = self.max_batch if self.max_batch is not None else max(defaults[2], self.opt_batch or 0, lo)
+        opt = self.opt_batch if self.opt_batch is not None else min(max(defaults[1], lo), hi)
+        return lo, opt, hi
+
+    @property
+    def batch_given(self) -> bool:
+        return any(b is not None for b in (self.min_batch, self.opt_batch, self.max_batch))
+
+
+@dataclass
+class BuildResult:
+    engine: Path
+    sidecar: dict
+    skipped: bool  # an identical build was already there
+
+
+def sidecar_path(engine: str | os.PathLike) -> Path:
+    return Path(f"{engine}.json")
+
+
+def _gpu() -> dict | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return {"name": torch.cuda.get_device_name(0), "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
+
+
 def _parse(backend: Backend, onnx_path: Path):
     trt = backend.trt
-    logger = _collecting_logger(trt)
+    logger = collecting_logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(backend.network_flags())
+    network = builder.create_network(backend.strongly_typed_flag)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0]
+        desc = first.desc().strip().splitlines()[0]
         raise EngineBuildError(
             f"{backend.name} cannot parse {onnx_path}: node {first.node_name() or first.node()} "
-            f"({first.node_operator()}): {first.desc()}" + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else "")
+            f"({first.node_operator()}): {desc}" + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else "")
         )
     return builder, network, parser, logger
 
 
-def compile_onnx(onnx_path: str | os.PathLike, backend: Backend, batches: tuple[int, int, int] = (1, 8, 32),
-                 tf32: bool = False) -> bytes:
-    """A serialized engine for the graph at ``onnx_path``, with one profile over the batch dimension."""
+def _profile(network, settings: BuildSettings) -> list[dict]:
+    tensor = network.get_input(0)
+    shape = list(tensor.shape)
+    if shape[0] != -1:
+        if settings.batch_given:
+            raise EngineBuildError(f"--min/--opt/--max-batch apply to dynamic-batch graphs; this graph has a fixed batch of {shape[0]}")
+        return [{"input": tensor.name, "min": shape, "opt": shape, "max": shape}]
+    lo, opt, hi = settings.batches(DEFAULT_BATCHES)
+    return [{"input": tensor.name, "min": [lo, *shape[1:]], "opt": [opt, *shape[1:]], "max": [hi, *shape[1:]]}]
+
+
+def _configure(backend: Backend, builder, settings: BuildSettings, profiles: list[dict]):
+    trt = backend.trt
+    config = builder.create_builder_config()
+    if not settings.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)  # FP32 layers must match ONNX Runtime
+    if settings.workspace_mb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    if settings.opt_level is not None:
+        config.builder_optimization_level = settings.opt_level
+    profile = builder.create_optimization_profile()
+    for p in profiles:
+        profile.set_shape(p["input"], p["min"], p["opt"], p["max"])
+    config.add_optimization_profile(profile)
+    timing_cache = None
+    if settings.timing_cache and backend.uses_timing_cache:
+        path = Path(settings.timing_cache)
+        timing_cache = config.create_timing_cache(path.read_bytes() if path.exists() else b"")
+        config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    return config, timing_cache
+
+
+def compile_onnx(onnx_path: str | os.PathLike, backend: Backend, settings: BuildSettings = BuildSettings()) -> tuple[bytes, list[dict]]:
+    """A serialized engine for the graph at ``onnx_path`` and the profiles it was built with."""
     onnx_path = Path(onnx_path)
     builder, network, _parser, _logger = _parse(backend, onnx_path)
-    config = builder.create_builder_config()
-    if not tf32 and hasattr(backend.trt.BuilderFlag, "TF32"):
-        config.clear_flag(backend.trt.BuilderFlag.TF32)  # FP32 layers must match ONNX Runtime
-    tensor = network.get_input(0)
-    shape = tuple(tensor.shape)
-    if shape[0] == -1:
-        profile = builder.create_optimization_profile()
-        profile.set_shape(tensor.name, *[(b, *shape[1:]) for b in batches])
-        config.add_optimization_profile(profile)
+    profiles = _profile(network, settings)
+    config, timing_cache = _configure(backend, builder, settings, profiles)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"{backend.name} could not build an engine from {onnx_path}")
-    return bytes(serialized)
+        errors = [msg for severity, msg in _logger.messages if severity in (backend.trt.Logger.ERROR, backend.trt.Logger.INTERNAL_ERROR)]
+        raise EngineBuildError(f"{backend.name} could not build an engine from {onnx_path}" + (f": {errors[0]}" if errors else ""))
+    if timing_cache is not None:
+        with atomic_output(settings.timing_cache) as tmp:
+            tmp.write_bytes(bytes(timing_cache.serialize()))
+    return bytes(serialized), profiles
+
+
+def _describe_precision(meta: dict) -> str:
+    precision = meta.get("precision", "fp32")
+    if meta.get("fp32_nodes") and precision != "fp32":
+        precision += f" ({len(meta['fp32_nodes'])} nodes fp32)"
+    return precision
+
+
+def _same_build(old: dict, request: dict, engine: Path) -> bool:
+    return (
+        old.get("format") == SIDECAR_FORMAT
+        and old.get("request") == request
+        and engine.exists()
+        and old.get("engine_sha256") == sha256_file(engine)
+    )
+
+
+def read_sidecar(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, backend: str = "auto",
+                 settings: BuildSettings = BuildSettings(), force: bool = False) -> BuildResult:
+    """Compile ``onnx_path`` to ``engine_path`` and write its sidecar; skip an identical earlier build."""
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise EngineBuildError(f"{onnx_path}: no such file")
+    chosen = load_backend(backend)
+    try:
+        meta = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
+    except Exception as exc:  # protobuf's decode errors: not an ONNX file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EngineBuildError(f"{onnx_path} is not an ONNX model ({first})") from None
+    # Everything that decides the engine's bytes: equal requests give equal engines.
+    request = {
+        "onnx_sha256": sha256_file(onnx_path),
+        "backend": chosen.name,
+        "library_version": chosen.version,
+        "batches": list(settings.batches(DEFAULT_BATCHES)),
+        "builder": {
+            "strongly_typed": True,
+            "tf32": settings.tf32,
+            "workspace_mb": settings.workspace_mb,
+            "opt_level": settings.opt_level,
+            "timing_cache": settings.timing_cache if chosen.uses_timing_cache else None,
+        },
+    }
+    side = sidecar_path(engine_path)
+    old = read_sidecar(side) if side.exists() and not force else None
+    if old is not None and _same_build(old, request, engine_path):
+        return BuildResult(engine_path, old, skipped=True)
+    start = time.perf_counter()
+    engine, profiles = compile_onnx(onnx_path, chosen, settings)
+    seconds = time.perf_counter() - start
+    gpu = _gpu()
+    with atomic_output(engine_path) as tmp:
+        tmp.write_bytes(engine)
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "request": request,
+        "onnx": str(onnx_path),
+        "precision": _describe_precision(meta),
+        "backend": chosen.name,
+        "library_version": chosen.version,
+        "profiles": profiles,
+        "engine_sha256": sha256_file(engine_path),
+        "engine_bytes": len(engine),
+        "build_seconds": round(seconds, 3),
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": gpu,  # None: compiled ahead of time on a machine without one
+        "ahead_of_time": gpu is None,
+        "model_metadata": meta,
+        "rvdeploy_version": __version__,
+    }
+    with atomic_output(side) as tmp:
+        tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    return BuildResult(engine_path, sidecar, skipped=False)
