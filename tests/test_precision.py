@@ -256,8 +256,8 @@ def test_tensorrt_rtx_builds_every_produced_graph(work, builder, request, graph)
         elif not (work / "fp16.onnx").exists():
             quantize_fp16(work / "fp32.onnx", work / "fp16.onnx")
         path = work / f"{graph}.onnx"
-    engine = compile_onnx(path, builder)
-    assert len(engine) > 100_000
+    engine, profiles = compile_onnx(path, builder)
+    assert len(engine) > 100_000 and profiles[0]["max"][0] == 32
 
 
 def test_tensorrt_rtx_rejects_the_cpu_layout_naming_the_node(builder, int8_ort):
