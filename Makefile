@@ -11,8 +11,10 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 DEMO := build/demo
 DEMO_CKPT := models/digits/repvgg_digits_train.pth
+# 1 when torch sees a CUDA GPU: the demo then also times its TensorRT engines.
+GPU = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench-gate clean
 
 install: $(STAMP)
 
@@ -42,9 +44,16 @@ demo: install
 		-o $(DEMO)/digits_int8.engine
 	$(RVDEPLOY) eval --compare $(DEMO)/digits.onnx $(DEMO)/digits_fp16.onnx $(DEMO)/digits_int8_tensorrt.onnx \
 		$(DEMO)/digits_int8_onnxruntime.onnx --data models/digits/heldout
+	$(RVDEPLOY) bench $(DEMO_CKPT) $(DEMO)/digits.onnx $(DEMO)/digits_int8_onnxruntime.onnx \
+		$(if $(filter 1,$(GPU)),$(DEMO)/digits_fp32.engine $(DEMO)/digits_fp16.engine $(DEMO)/digits_int8.engine) \
+		--batch 1,32 --warmup-s 0.5 --min-s 1 --json $(DEMO)/bench.json --plot $(DEMO)/bench.png
 
 test: install
 	$(PY) -m pytest -q
+
+# The latency regression gate CI runs after the tests (benchmarks/ci_gate.sh).
+bench-gate: install
+	bash benchmarks/ci_gate.sh
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

@@ -16,7 +16,8 @@ from rvdeploy import __version__
 from rvdeploy.errors import RvdeployError
 from rvdeploy.preprocess import parse_size
 
-console = Console(soft_wrap=True)  # messages are not hard-wrapped: logs and pipes get whole lines
+# Messages are not hard-wrapped and tables get room when piped: logs get whole lines.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 INTERNAL_ERROR_EXIT = 70
 VERIFY_FAILED_EXIT = 4
 
@@ -492,6 +493,101 @@ def build_engine_command(model, output, precision, backend, min_batch, opt_batch
         f"{where} in {side['build_seconds']:.2f} s" + (f"; typed graph {source}" if source != model else ""),
         highlight=False,
     )
+
+
+def _batches(ctx, param, value):
+    try:
+        batches = tuple(int(b) for b in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of batch sizes") from None
+    if not batches or min(batches) < 1:
+        raise click.BadParameter(f"{value!r}: batch sizes must be positive")
+    return batches
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]),
+              help="torch (checkpoint), ort (.onnx) or trt (.engine; on the GPU). Default: by each TARGET's kind.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", "batches", default="1,8,32", show_default=True, callback=_batches, help="Comma-separated batch sizes.")
+@click.option("--warmup-s", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--min-s", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Timed seconds per configuration (at least).")
+@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True, help="Timed iterations per configuration (at least).")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (torch and ONNX Runtime).")
+@click.option("--input-size", type=SIZE, help="Input size (default: the model's, else 224).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+@click.option("--markdown", is_flag=True, help="Print the table as markdown.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a throughput bar chart (PNG).")
+@click.option("--baseline", type=click.Path(path_type=Path), help="Bench JSON to compare p50 latencies against.")
+@click.option("--max-regression", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="With --baseline: fail (exit 5) when a p50 is slower by more than this percentage.")
+@click.option("--normalize", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Compare latencies divided by the reference workload's: auto when the baseline is from another machine.")
+def bench(targets, backend, device, batches, warmup_s, min_s, iters, threads, input_size, json_out, markdown, plot,
+          baseline, max_regression, normalize) -> None:
+    """Latency and throughput of each TARGET, trtexec-style, in one table; optionally gated against a baseline.
+
+    A training checkpoint on torch is timed both multi-branch and fused, with the speed-up.
+    """
+    from rvdeploy.bench import (REGRESSION_EXIT, BenchError, BenchSettings, backend_for, bench_target, compare,
+                                markdown_table, merge_reports, plot_throughput, validate_report)
+    from rvdeploy.files import atomic_output
+
+    settings = BenchSettings(batches, warmup_s, min_s, iters, threads, input_size)
+    base = None
+    if baseline is not None:  # read it first: a malformed baseline should not cost a whole run
+        try:
+            base = validate_report(json.loads(Path(baseline).read_text()), str(baseline))
+        except FileNotFoundError:
+            raise BenchError(f"baseline {baseline}: no such file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BenchError(f"baseline {baseline} is not JSON ({exc})") from None
+    err = Console(stderr=True)
+    report = merge_reports([
+        bench_target(target, backend or backend_for(target), device, settings,
+                     progress=lambda what: err.print(f"timing {what}", highlight=False))
+        for target in targets
+    ])
+    if json_out:
+        with atomic_output(json_out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    if plot:
+        plot_throughput(report, plot)
+    machine = report["machine"]
+    console.print(f"machine: {machine.get('gpu') or machine['cpu']}, {machine['cpu_cores']} cores, "
+                  f"threads {threads or 'default'}; " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()), highlight=False)
+    if markdown:
+        click.echo(markdown_table(report))
+    else:
+        table = Table(title=f"rvdeploy bench: {', '.join(Path(t).name for t in targets)}")
+        gpu = any(r["gpu_compute_ms"] for r in report["results"])
+        for heading in ("model", "variant", "backend", "precision", "batch", "min ms", "mean ms", "p50 ms", "p90 ms", "p99 ms", "img/s") + (("GPU p50 ms",) if gpu else ()):
+            table.add_column(heading, justify="right" if "ms" in heading or heading in ("batch", "img/s") else "left")
+        for r in report["results"]:
+            lat = r["latency_ms"]
+            table.add_row(r["model"], r["variant"], r["backend"], r["precision"], str(r["batch"]), *(f"{lat[k]:.3f}" for k in ("min", "mean", "p50", "p90", "p99")),
+                          f"{r['throughput_ips']:.1f}", *((f"{r['gpu_compute_ms']['p50']:.3f}" if r["gpu_compute_ms"] else "-",) if gpu else ()))
+        console.print(table)
+    for s in report.get("speedups", []):
+        console.print(f"fused vs. multi-branch, batch {s['batch']}: {s['fused_vs_multi_branch']:.2f}x faster", highlight=False)
+    if base is None:
+        return
+    comparison = compare(report, base, max_regression, normalize)
+    kind = "normalised p50 (p50 / reference workload p50)" if comparison.normalized else "p50 ms"
+    table = Table(title=f"against {baseline}: {kind}, fail above +{max_regression:g}%")
+    for heading in ("configuration", "baseline", "now", "change"):
+        table.add_column(heading, justify="left" if heading == "configuration" else "right")
+    for d in comparison.deltas:
+        style = "red" if d in comparison.regressions else ""
+        table.add_row(d.name, f"{d.baseline_p50:.4g}", f"{d.current_p50:.4g}", f"[{style}]{d.change_pct:+.1f}%[/{style}]" if style else f"{d.change_pct:+.1f}%")
+    console.print(table)
+    if comparison.unmatched:
+        console.print(f"not in the baseline: {', '.join(comparison.unmatched)}", highlight=False)
+    if comparison.regressions:
+        worst = max(comparison.regressions, key=lambda d: d.change_pct)
+        click.echo(f"error: latency regression: {worst.name} is {worst.change_pct:+.1f}% (limit +{max_regression:g}%)", err=True)
+        raise click.exceptions.Exit(REGRESSION_EXIT)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class Runner:
 
     name: str
     backend: str
+    arch: str = "unknown"
+    form: str = "fused"  # or "multi-branch"
     precision: str = "fp32"
     preprocess: Preprocess | None = None
     num_classes: int | None = None
@@ -53,24 +55,44 @@ class TorchRunner(Runner):
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu") -> None:
         from rvdeploy.checkpoint import load_weights
+
+        self._setup(load_weights(path), Path(path).name, device)
+
+    @classmethod
+    def from_weights(cls, weights, name: str, device: str = "cpu") -> TorchRunner:
+        runner = cls.__new__(cls)
+        runner._setup(weights, name, device)
+        return runner
+
+    def _setup(self, weights, name: str, device: str) -> None:
         from rvdeploy.model import build_model
         from rvdeploy.weights import TrainWeights
 
         if device == "cuda" and not torch.cuda.is_available():
             raise RunnerError("--device cuda: no CUDA GPU is available to torch here")
-        weights = load_weights(path)
         trained = isinstance(weights, TrainWeights)
         self.model = build_model(weights.spec, deploy=not trained, state_dict=weights.tensors).to(device)
         self.device = device
-        self.name = Path(path).name
+        self.name = name
+        self.weights = weights
         self.form = "multi-branch" if trained else "fused"
-        self.spec = weights.spec
+        self.arch = weights.spec.name
         self.preprocess = weights.preprocess
         self.num_classes = weights.spec.num_classes
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+    def device_session(self, batch: np.ndarray):
+        """A callable running the model on ``batch`` already on the device: compute only, for timing."""
+        x = torch.from_numpy(batch).to(self.device)
+
+        def run() -> None:
+            with torch.inference_mode():
+                self.model(x)
+
+        return run
 
 
 class OrtRunner(Runner):
@@ -112,6 +134,8 @@ class OrtRunner(Runner):
             self.precision += f" ({len(meta['fp32_nodes'])} nodes fp32)"
         self.preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else None
         self.num_classes = meta.get("num_classes")
+        self.arch = meta.get("arch", Path(path).stem)
+        self.form = meta.get("form", "fused")
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         out = self.session.run(None, {self.input_name: batch.astype(self.input_dtype, copy=False)})[0]

@@ -90,6 +90,8 @@ class TensorRTRunner(Runner):
         self.precision = sidecar.get("precision", "fp32")
         self.preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else None
         self.num_classes = meta.get("num_classes")
+        self.arch = meta.get("arch", Path(path).stem)
+        self.form = meta.get("form", "fused")
         self.sidecar = sidecar
 
     @staticmethod
@@ -140,6 +142,12 @@ class TensorRTRunner(Runner):
                 graph.replay()
             else:
                 self._enqueue(inputs, outputs)
+
+    def device_session(self, batch: np.ndarray):
+        """A callable running the engine on ``batch`` already on the device: compute only, for timing."""
+        inputs, _, _ = self._bind(len(batch))
+        inputs.copy_(self.torch.from_numpy(np.ascontiguousarray(batch)).to(inputs.dtype))
+        return lambda: self.execute(len(batch))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         inputs, outputs, _ = self._bind(len(batch))
