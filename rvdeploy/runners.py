@@ -74,7 +74,6 @@ class TorchRunner(Runner):
         self.model = build_model(weights.spec, deploy=not trained, state_dict=weights.tensors).to(device)
         self.device = device
         self.name = name
-        self.weights = weights
         self.form = "multi-branch" if trained else "fused"
         self.arch = weights.spec.name
         self.preprocess = weights.preprocess

@@ -15,6 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CKPT = ROOT / "models" / "digits" / "repvgg_digits_train.pth"
 
 
+def _renamed(official: dict[str, torch.Tensor], branch: dict[str, str], block_prefix) -> dict[str, torch.Tensor]:
+    """Official names rewritten block by block: ``block_prefix(stage, index)`` names the block,
+    ``branch`` its sub-modules; the classifier becomes ``head.fc``."""
+    out = {}
+    for key, t in official.items():
+        if key.startswith("linear."):
+            out["head.fc." + key.split(".", 1)[1]] = t
+            continue
+        stage, index, module, leaf = re.match(r"stage(\d+)(?:\.(\d+))?\.(.+)\.(\w+)$", key).groups()
+        out[f"{block_prefix(int(stage), index)}.{branch[module]}.{leaf}"] = t
+    return out
+
+
 def to_timm(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an official training state dict the way timm's byobnet RepVggBlock names it."""
     branch = {
@@ -26,16 +39,7 @@ def to_timm(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "se.down": "attn.fc1",
         "se.up": "attn.fc2",
     }
-    out = {}
-    for key, t in official.items():
-        if key.startswith("linear."):
-            out["head.fc." + key.split(".", 1)[1]] = t
-            continue
-        m = re.match(r"stage(\d+)(?:\.(\d+))?\.(.+)\.(\w+)$", key)
-        stage, index, module, leaf = m.groups()
-        prefix = "stem" if stage == "0" else f"stages.{int(stage) - 1}.{index}"
-        out[f"{prefix}.{branch[module]}.{leaf}"] = t
-    return out
+    return _renamed(official, branch, lambda stage, index: "stem" if stage == 0 else f"stages.{stage - 1}.{index}")
 
 
 def to_mmpretrain(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,16 +53,7 @@ def to_mmpretrain(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "se.down": "se_layer.conv1.conv",
         "se.up": "se_layer.conv2.conv",
     }
-    out = {}
-    for key, t in official.items():
-        if key.startswith("linear."):
-            out["head.fc." + key.split(".", 1)[1]] = t
-            continue
-        m = re.match(r"stage(\d+)(?:\.(\d+))?\.(.+)\.(\w+)$", key)
-        stage, index, module, leaf = m.groups()
-        prefix = "backbone.stem" if stage == "0" else f"backbone.stage_{stage}.{index}"
-        out[f"{prefix}.{branch[module]}.{leaf}"] = t
-    return out
+    return _renamed(official, branch, lambda stage, index: "backbone.stem" if stage == 0 else f"backbone.stage_{stage}.{index}")
 
 
 @pytest.fixture(scope="session")
