@@ -142,7 +142,8 @@ def quantize_int8_file(
     model = load_fp32_graph(model_path)
     recipe = model_recipe(model, model_path, recipe)
     images = image_folder(calib_dir, recipe, num_images, allow_upscale)
-    calibration: Calibration = calibrate(model_path, sha256_file(model_path), images, recipe, method, cache_path, show_progress)
+    model_sha256 = sha256_file(model_path)
+    calibration: Calibration = calibrate(model_path, model_sha256, images, recipe, method, cache_path, show_progress)
     excluded: tuple[str, ...] = ()
     guard_report = None
     if val_dir is not None:
@@ -165,6 +166,6 @@ def quantize_int8_file(
         "int8_target": target,
         "calibration": {"method": method, "images": calibration.images},
         "fp32_nodes": list(excluded),
-        "source_onnx_sha256": sha256_file(model_path),
+        "source_onnx_sha256": model_sha256,
     })
     return report
