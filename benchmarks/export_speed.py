@@ -12,7 +12,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -20,16 +19,7 @@ import torch
 from rvdeploy.arch import zoo_spec
 from rvdeploy.synthetic import trained_like_state_dict
 
-from results_io import write_results
-
-
-def timed(command: list[str], repeat: int) -> list[float]:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return times
+from results_io import time_command, write_results
 
 
 def main() -> None:
@@ -45,7 +35,7 @@ def main() -> None:
         torch.save(trained_like_state_dict(spec), train)
         subprocess.run([rvdeploy, "fuse", str(train), "-o", str(fused)], check=True, capture_output=True)
         for source, path in (("fused checkpoint", fused), ("training checkpoint", train)):
-            times = timed([rvdeploy, "export", str(path), "--onnx", str(out), "--input-size", "224"], args.repeat)
+            times = time_command([rvdeploy, "export", str(path), "--onnx", str(out), "--input-size", "224"], args.repeat)
             rows.append({"arch": spec.name, "input": source, "onnx_mb": out.stat().st_size / 1e6,
                          "wall_s_median": statistics.median(times), "wall_s_max": max(times), "runs": len(times)})
             print(rows[-1])

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ import torch
 from rvdeploy.arch import zoo_spec
 from rvdeploy.synthetic import trained_like_state_dict
 
-from results_io import write_results
+from results_io import time_command, write_results
 
 
 def main() -> None:
@@ -34,12 +32,8 @@ def main() -> None:
         ckpt, out = Path(tmp) / "train.pth", Path(tmp) / "fused.pth"
         torch.save({"state_dict": trained_like_state_dict(spec)}, ckpt)
         size_mb = ckpt.stat().st_size / 1e6
-        times = []
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            subprocess.run([str(rvdeploy), "fuse", str(ckpt), "-o", str(out)], check=True, capture_output=True)
-            times.append(time.perf_counter() - start)
-            print(f"{spec.name}: {times[-1]:.2f} s")
+        times = time_command([str(rvdeploy), "fuse", str(ckpt), "-o", str(out)], args.repeat)
+        print(f"{spec.name}: " + ", ".join(f"{t:.2f} s" for t in times))
     row = {
         "arch": spec.name,
         "params_train_m": spec.param_count(False) / 1e6,

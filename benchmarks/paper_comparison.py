@@ -22,7 +22,6 @@ from rvdeploy.arch import zoo_spec
 from rvdeploy.bench import BenchSettings, bench_target
 from rvdeploy.export import ExportOptions, export_onnx
 from rvdeploy.synthetic import trained_like_state_dict
-from rvdeploy.weights import TrainWeights
 
 from results_io import RESULTS, write_results
 

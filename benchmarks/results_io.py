@@ -8,7 +8,9 @@ from __future__ import annotations
 import datetime
 import json
 import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rvdeploy.machine import describe_machine
@@ -44,6 +46,16 @@ def write_results(name: str, rows: list[dict], columns: list[tuple[str, str]], n
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def time_command(command: list[str], repeat: int) -> list[float]:
+    """Wall seconds of ``command`` (Python start-up included, as a user runs it), ``repeat`` times."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _cell(value) -> str:

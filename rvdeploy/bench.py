@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -307,8 +308,6 @@ class BenchSettings:
 
 def _runners(target, backend: str, device: str, threads: int | None):
     """The runners to time: a training checkpoint gives its multi-branch net and its fold."""
-    from pathlib import Path
-
     from rvdeploy.runners import OrtRunner, TorchRunner
 
     path = Path(target)
@@ -400,8 +399,6 @@ def bench_target(target, backend: str, device: str = "cpu", settings: BenchSetti
 
 def backend_for(target) -> str:
     """The backend a target's kind implies: .onnx → ort, .engine → trt, anything else → torch."""
-    from pathlib import Path
-
     suffix = Path(target).suffix
     return next((b for b, suffixes in BACKEND_SUFFIXES.items() if suffixes and suffix in suffixes), "torch")
 

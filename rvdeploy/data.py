@@ -102,6 +102,13 @@ def labelled_folder(root: str | os.PathLike, recipe: Preprocess, allow_upscale: 
     return ImageSet([paths[i] for i in usable], [labels[i] for i in usable], classes, skipped)
 
 
+def pad_batch(pixels: np.ndarray, size: int) -> np.ndarray:
+    """``pixels`` repeated cyclically up to ``size`` images: a fixed-batch model's last, short batch."""
+    if len(pixels) >= size:
+        return pixels
+    return np.concatenate([pixels, np.resize(pixels, (size - len(pixels), *pixels.shape[1:]))])
+
+
 def batches(images: ImageSet, recipe: Preprocess, batch_size: int) -> Iterator[tuple[np.ndarray, list[int]]]:
     """(N, C, H, W) float32 batches and the indices of the images in them.
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from rvdeploy.data import DataError, ImageSet, batches
+from rvdeploy.data import DataError, ImageSet, batches, pad_batch
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
 from rvdeploy.runners import Runner
@@ -39,9 +39,7 @@ def predictions(runner: Runner, images: ImageSet, recipe: Preprocess, batch_size
         task = progress.add_task(f"evaluating {runner.name}", total=len(images))
         for pixels, indices in batches(images, recipe, size):
             real = len(pixels)
-            if runner.fixed_batch and real < size:  # pad a fixed-batch model's last batch
-                pixels = np.concatenate([pixels, np.repeat(pixels[-1:], size - real, axis=0)])
-            logits.append(runner.infer(pixels)[:real])
+            logits.append(runner.infer(pad_batch(pixels, size) if runner.fixed_batch else pixels)[:real])
             kept += indices
             progress.advance(task, real)
     return np.concatenate(logits), kept

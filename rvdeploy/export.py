@@ -58,17 +58,27 @@ def _recipe(weights: TrainWeights | DeployWeights, size: tuple[int, int] | None)
     return recipe if size is None or size == recipe.input_size else recipe.with_input_size(size)
 
 
+def decode_metadata(props: dict[str, str]) -> dict:
+    """The rvdeploy entries of a graph's metadata (key → value strings), JSON values decoded."""
+    data = {}
+    for key, value in props.items():
+        if key.startswith(METADATA_PREFIX):
+            try:
+                data[key[len(METADATA_PREFIX):]] = json.loads(value)
+            except json.JSONDecodeError:
+                data[key[len(METADATA_PREFIX):]] = value
+    return data
+
+
 def read_metadata(model: onnx.ModelProto) -> dict:
     """The rvdeploy metadata of an exported graph, JSON values decoded; empty when it has none."""
-    data = {}
-    for prop in model.metadata_props:
-        if prop.key.startswith(METADATA_PREFIX):
-            key = prop.key[len(METADATA_PREFIX):]
-            try:
-                data[key] = json.loads(prop.value)
-            except json.JSONDecodeError:
-                data[key] = prop.value
-    return data
+    return decode_metadata({p.key: p.value for p in model.metadata_props})
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The graph's batch size when it is fixed, None when the batch dimension is dynamic."""
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") else None
 
 
 def write_metadata(model: onnx.ModelProto, updates: dict) -> None:

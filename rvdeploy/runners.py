@@ -7,7 +7,6 @@ benchmarking are written once, against this interface.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from rvdeploy.errors import RvdeployError
-from rvdeploy.export import METADATA_PREFIX
+from rvdeploy.export import decode_metadata
 from rvdeploy.preprocess import Preprocess
 
 
@@ -119,11 +118,7 @@ class OrtRunner(Runner):
         self.input_name = feed.name
         self.input_dtype = np.float16 if feed.type == "tensor(float16)" else np.float32
         self.fixed_batch = feed.shape[0] if isinstance(feed.shape[0], int) else None
-        meta = {
-            k[len(METADATA_PREFIX):]: json.loads(v)
-            for k, v in self.session.get_modelmeta().custom_metadata_map.items()
-            if k.startswith(METADATA_PREFIX)
-        }
+        meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.name = Path(path).name
         self.metadata = meta
         self.precision = meta.get("precision", "fp32")

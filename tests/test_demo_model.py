@@ -1,7 +1,6 @@
 """The shipped trained model: the file the card describes, and its accuracy through the fold."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import torch

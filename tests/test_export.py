@@ -8,11 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
 
 from rvdeploy.arch import zoo_spec
 from rvdeploy.checkpoint import load_train_weights, load_weights
-from rvdeploy.cli import main
 from rvdeploy.export import ExportError, ExportOptions, export_onnx, read_metadata
 from rvdeploy.files import sha256_file
 from rvdeploy.reparam import fuse

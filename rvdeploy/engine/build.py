@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-import onnx
 
 from rvdeploy import __version__
 from rvdeploy.errors import RvdeployError
@@ -234,15 +233,11 @@ def read_sidecar(path: Path) -> dict | None:
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, backend: str = "auto",
                  settings: BuildSettings = BuildSettings(), force: bool = False) -> BuildResult:
     """Compile ``onnx_path`` to ``engine_path`` and write its sidecar; skip an identical earlier build."""
+    from rvdeploy.verify import load_onnx
+
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    if not onnx_path.is_file():
-        raise EngineBuildError(f"{onnx_path}: no such file")
+    meta = read_metadata(load_onnx(onnx_path))  # "no such file" / "not an ONNX model" in one line
     chosen = load_backend(backend)
-    try:
-        meta = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
-    except Exception as exc:  # protobuf's decode errors: not an ONNX file
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise EngineBuildError(f"{onnx_path} is not an ONNX model ({first})") from None
     # Everything that decides the engine's bytes: equal requests give equal engines.
     request = {
         "onnx_sha256": sha256_file(onnx_path),

@@ -23,8 +23,9 @@ import numpy as np
 import onnx
 from rich.progress import Progress
 
-from rvdeploy.data import ImageSet, batches
+from rvdeploy.data import ImageSet, batches, pad_batch
 from rvdeploy.errors import RvdeployError
+from rvdeploy.export import fixed_batch
 from rvdeploy.files import atomic_output
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
@@ -53,21 +54,14 @@ def quiet_onnxruntime_tools() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    return dim.dim_value if dim.HasField("dim_value") else None
-
-
 def model_feeds(model: onnx.ModelProto, images: ImageSet, recipe: Preprocess, batch_size: int,
                 progress: Progress | None = None, description: str = "") -> Iterator[dict[str, np.ndarray]]:
     """Input feeds of the model's batch size; a fixed-batch model's last batch is padded by repetition."""
     name = model.graph.input[0].name
-    fixed = _fixed_batch(model)
+    fixed = fixed_batch(model)
     task = progress.add_task(description, total=len(images)) if progress else None
     for pixels, indices in batches(images, recipe, fixed or batch_size):
-        if fixed and len(pixels) < fixed:
-            pixels = np.concatenate([pixels, np.resize(pixels, (fixed - len(pixels), *pixels.shape[1:]))])
-        yield {name: pixels}
+        yield {name: pad_batch(pixels, fixed) if fixed else pixels}
         if progress:
             progress.advance(task, len(indices))
 

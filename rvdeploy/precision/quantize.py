@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from rvdeploy.data import image_folder, labelled_folder
 from rvdeploy.errors import RvdeployError
-from rvdeploy.export import read_metadata, write_metadata
+from rvdeploy.export import fixed_batch, read_metadata, write_metadata
 from rvdeploy.files import atomic_output, sha256_file
 from rvdeploy.precision.calib import Calibration, activation_peaks, calibrate, model_feeds
 from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, plan_fp32_nodes
@@ -65,8 +65,7 @@ def _write(model: onnx.ModelProto, source: onnx.ModelProto, path: str | os.PathL
 def _observation_feeds(model: onnx.ModelProto, recipe: Preprocess, calib_dir, num_images, allow_upscale):
     """Inputs on which FP16 ranges are checked: calibration images, else standard-normal probes."""
     if calib_dir is None:
-        dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-        count = dim.dim_value if dim.HasField("dim_value") else FP16_PROBES
+        count = fixed_batch(model) or FP16_PROBES
         probes = np.random.default_rng(0).standard_normal((count, 3, *recipe.input_size), dtype=np.float32)
         return [{model.graph.input[0].name: probes}], count, "random probes"
     images = image_folder(calib_dir, recipe, num_images, allow_upscale)
