@@ -14,7 +14,7 @@ from rvdeploy.checkpoint import load_train_weights, save_deploy_weights
 from rvdeploy.data import labelled_folder
 from rvdeploy.eval import evaluate
 from rvdeploy.export import ExportOptions, export_onnx
-from rvdeploy.precision.quantize import quantize_fp16, quantize_int8_file
+from rvdeploy.precision.quantize import Fp16Options, Int8Options, quantize_fp16, quantize_int8_file
 from rvdeploy.reparam import fuse
 from rvdeploy.runners import open_runner
 
@@ -30,9 +30,10 @@ def main() -> None:
         deploy, _ = fuse(load_train_weights(CKPT))
         save_deploy_weights(deploy, tmp / "fused.pth")
         fp32 = export_onnx(deploy, tmp / "fp32.onnx", ExportOptions())
-        quantize_fp16(fp32, tmp / "fp16.onnx", calib_dir=ROOT / "calib/digits")
+        quantize_fp16(fp32, tmp / "fp16.onnx", Fp16Options(calib_dir=ROOT / "calib/digits"))
         for target in ("tensorrt", "onnxruntime"):
-            quantize_int8_file(fp32, tmp / f"int8-{target}.onnx", ROOT / "calib/digits", target, show_progress=False)
+            quantize_int8_file(fp32, tmp / f"int8-{target}.onnx",
+                               Int8Options(ROOT / "calib/digits", target=target, show_progress=False))
         rows = []
         for label, path in (("torch multi-branch", CKPT), ("torch fused", tmp / "fused.pth"), ("ONNX FP32", fp32),
                             ("ONNX FP16", tmp / "fp16.onnx"), ("ONNX INT8 (tensorrt layout)", tmp / "int8-tensorrt.onnx"),

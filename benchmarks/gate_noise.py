@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rvdeploy.bench import BenchSettings, bench_target, compare
+from rvdeploy.bench import BenchSettings, bench_target
+from rvdeploy.gate import check_regression
 
 from gate_model import GATE_INPUT
 from results_io import write_results
@@ -34,9 +35,9 @@ def main() -> None:
     baseline = json.loads((ROOT / "benchmarks/baselines/ci_cpu_a0.json").read_text())
     rows = []
     for run in range(args.runs):
-        report = bench_target(model, "ort", "cpu", GATE)
-        raw = compare(report, baseline, args.threshold, "never").deltas[0].change_pct
-        normalized = compare(report, baseline, args.threshold, "always").deltas[0].change_pct
+        report = bench_target(model, "onnxruntime", GATE)
+        raw = check_regression(report, baseline, args.threshold, "never").deltas[0].change_pct
+        normalized = check_regression(report, baseline, args.threshold, "always").deltas[0].change_pct
         rows.append({"run": run + 1, "p50_ms": report["results"][0]["latency_ms"]["p50"],
                      "reference_p50_ms": report["results"][0]["reference_p50_ms"], "raw_change_pct": raw,
                      "normalized_change_pct": normalized})

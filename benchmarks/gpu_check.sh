@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On any machine with a CUDA GPU: the gpu-marked tests (engines vs. ONNX Runtime, INT8 accuracy,
+# On any machine with a CUDA GPU: the gpu-marked tests (torch on CUDA, engines vs. ONNX Runtime, INT8 accuracy,
 # profile bounds) and a short bench of torch on CUDA and of the shipped model's engines.
 # Engines need the TensorRT runtime that built them (make install EXTRAS=gpu,dev TORCH=torch).
 set -euo pipefail
@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RVDEPLOY=${RVDEPLOY:-.venv/bin/rvdeploy}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA GPU here')"
-"$PY" -m pytest -q -m gpu -rs tests/test_engine.py
+"$PY" -m pytest -q -m gpu -rs tests/
 mkdir -p build/gpu
 CKPT=models/digits/repvgg_digits_train.pth
 "$RVDEPLOY" export "$CKPT" --onnx build/gpu/digits.onnx

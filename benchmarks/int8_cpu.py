@@ -19,9 +19,10 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from rvdeploy.arch import zoo_spec
-from rvdeploy.bench import measure
 from rvdeploy.export import ExportOptions, export_onnx
-from rvdeploy.precision.quantize import quantize_int8_file
+from rvdeploy.onnx_io import ort_session
+from rvdeploy.precision.quantize import Int8Options, quantize_int8_file
+from rvdeploy.timing import measure
 from rvdeploy.reparam import fuse
 from rvdeploy.synthetic import trained_like_state_dict
 from rvdeploy.weights import TrainWeights
@@ -40,7 +41,7 @@ def write_crops(folder: Path, count: int, size: int = 256) -> None:
 
 
 def latency(path: Path, batch: int, seconds: float):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(path, spinning=False)
     feed = {"input": np.random.default_rng(1).standard_normal((batch, 3, 224, 224), dtype=np.float32)}
     return measure(lambda: session.run(None, feed), batch, warmup_s=2.0, min_s=seconds, min_iters=10)
 
@@ -63,7 +64,7 @@ def main() -> None:
         for target, method in (("onnxruntime", "minmax"), ("tensorrt", "minmax"), ("tensorrt", "entropy"), ("tensorrt", "percentile")):
             out = tmp / f"int8-{target}-{method}.onnx"
             start = time.perf_counter()
-            report = quantize_int8_file(fp32, out, tmp / "calib", target, method, show_progress=False)
+            report = quantize_int8_file(fp32, out, Int8Options(tmp / "calib", target=target, method=method, show_progress=False))
             total = time.perf_counter() - start
             rows.append({"what": f"calibrate + quantize ({target}, {method})", "images": report.calibration_images,
                          "seconds": total, "calibration_seconds": report.calibration_seconds})

@@ -16,7 +16,7 @@ from rvdeploy.checkpoint import load_train_weights
 from rvdeploy.data import labelled_folder
 from rvdeploy.eval import predictions
 from rvdeploy.export import ExportOptions, export_onnx
-from rvdeploy.precision.quantize import quantize_int8_file
+from rvdeploy.precision.quantize import Int8Options, quantize_int8_file
 from rvdeploy.reparam import fuse
 from rvdeploy.runners import OrtRunner
 
@@ -38,7 +38,7 @@ def main() -> None:
         for target in ("tensorrt", "onnxruntime"):
             for method in ("minmax", "entropy", "percentile"):
                 out = Path(tmp) / f"{target}-{method}.onnx"
-                quantize_int8_file(fp32, out, ROOT / "calib/digits", target, method, show_progress=False)
+                quantize_int8_file(fp32, out, Int8Options(ROOT / "calib/digits", target=target, method=method, show_progress=False))
                 with OrtRunner(out) as runner:
                     logits, _ = predictions(runner, images, runner.preprocess)
                 error = np.abs(logits - reference) / np.abs(reference).max()

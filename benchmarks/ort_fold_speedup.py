@@ -18,14 +18,15 @@ import onnxruntime as ort
 import torch
 
 from rvdeploy.arch import zoo_spec
-from rvdeploy.bench import measure
+from rvdeploy.onnx_io import ort_session
 from rvdeploy.synthetic import trained_like_state_dict
+from rvdeploy.timing import measure
 
 from results_io import write_results
 
 
 def time_graph(path: Path, batch: int, size: int, seconds: float):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(path, spinning=False)
     feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)}
     return measure(lambda: session.run(None, feed), batch, warmup_s=1.0, min_s=seconds, min_iters=10)
 

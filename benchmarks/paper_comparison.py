@@ -110,7 +110,7 @@ def main() -> None:
             params = {"multi-branch": spec.param_count(False), "fused": spec.param_count(True)}
             flops = {"multi-branch": spec.macs(args.size, False), "fused": spec.macs(args.size, True)}
             if args.backend == "torch":
-                results = bench_target(ckpt, "torch", "cpu", settings)["results"]
+                results = bench_target(ckpt, "torch", settings)["results"]
             else:
                 from rvdeploy.checkpoint import load_train_weights
                 from rvdeploy.reparam import fuse
@@ -119,7 +119,7 @@ def main() -> None:
                 results = []
                 for form, weights in (("multi-branch", train), ("fused", fuse(train)[0])):
                     path = export_onnx(weights, tmp / f"{name}-{form}.onnx", ExportOptions(input_size=(args.size, args.size)))
-                    results += bench_target(path, "ort", "cpu", settings)["results"]
+                    results += bench_target(path, "onnxruntime", settings)["results"]
             for r in results:
                 form = r["variant"].split("@")[0]
                 rows.append({"model": name, "form": form, "params_m": params[form] / 1e6, "gmacs": flops[form] / 1e9,
@@ -130,7 +130,7 @@ def main() -> None:
             params, gmacs = sum(p.numel() for p in model.parameters()) / 1e6, macs(model, args.size) / 1e9
             if args.backend == "torch":
                 x = torch.randn(args.batch, 3, args.size, args.size)
-                from rvdeploy.bench import measure
+                from rvdeploy.timing import measure
 
                 with torch.inference_mode():
                     lat = measure(lambda: model(x), args.batch, settings.warmup_s, settings.min_s, settings.iters)
@@ -142,7 +142,7 @@ def main() -> None:
                     torch.onnx.export(model, (torch.zeros(1, 3, args.size, args.size),), str(path), input_names=["input"],
                                       output_names=["logits"], dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}},
                                       opset_version=17, dynamo=False)
-                r = bench_target(path, "ort", "cpu", settings)["results"][0]
+                r = bench_target(path, "onnxruntime", settings)["results"][0]
                 p50, ips = r["latency_ms"]["p50"], r["throughput_ips"]
             rows.append({"model": name, "form": "-", "params_m": params, "gmacs": gmacs, "p50_ms": p50, "throughput_ips": ips})
             print(rows[-1])

@@ -20,8 +20,9 @@ import torch
 
 from rvdeploy import __version__
 from rvdeploy.arch import ArchSpec, identify, zoo_spec
-from rvdeploy.errors import CheckpointError
+from rvdeploy.errors import CheckpointError, first_line
 from rvdeploy.files import atomic_output, sha256_file
+from rvdeploy.layouts import Layout, detect_layout
 from rvdeploy.model import DEFAULT_BN_EPS, expected_shapes
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.weights import DeployWeights, Source, TrainWeights
@@ -29,88 +30,6 @@ from rvdeploy.weights import DeployWeights, Source, TrainWeights
 WRAPPER_KEYS = ("state_dict", "model", "ema", "model_ema", "state_dict_ema", "module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 _SAFETENSORS_META_KEY = "rvdeploy"
-
-
-# -- layouts ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Layout:
-    """A naming scheme: how its keys map to the official names."""
-
-    name: str
-    marker: re.Pattern  # a key matching this identifies the layout
-    prefix_rules: tuple[tuple[re.Pattern, str], ...]  # module path → official module path
-    part_rules: tuple[tuple[str, str], ...] = ()  # branch names inside a block
-
-    def to_official(self, key: str) -> str | None:
-        for pattern, replacement in self.prefix_rules:
-            match = pattern.match(key)
-            if match:
-                official = pattern.sub(replacement, key, count=1)
-                for old, new in self.part_rules:
-                    official = official.replace(old, new)
-                return official
-        return None
-
-
-def _stage_plus_one(match: re.Match) -> str:
-    return f"stage{int(match.group(1)) + 1}.{match.group(2)}."
-
-
-_OFFICIAL_RULES = ((re.compile(r"^(stage\d+\.|linear\.)"), r"\1"),)
-LAYOUTS = (
-    Layout("official", re.compile(r"(^|\.)rbr_(dense|1x1)\."), _OFFICIAL_RULES),
-    Layout("official-deploy", re.compile(r"(^|\.)rbr_reparam\."), _OFFICIAL_RULES),
-    Layout(
-        "timm",
-        re.compile(r"^(stem|stages\.\d+\.\d+)\.conv_kxk\."),
-        (
-            (re.compile(r"^stem\."), "stage0."),
-            (re.compile(r"^stages\.(\d+)\.(\d+)\."), _stage_plus_one),
-            (re.compile(r"^head\.fc\."), "linear."),
-        ),
-        (
-            ("conv_kxk.conv.", "rbr_dense.conv."),
-            ("conv_kxk.bn.", "rbr_dense.bn."),
-            ("conv_1x1.conv.", "rbr_1x1.conv."),
-            ("conv_1x1.bn.", "rbr_1x1.bn."),
-            ("identity.", "rbr_identity."),
-            ("attn.fc1.", "se.down."),
-            ("attn.fc2.", "se.up."),
-        ),
-    ),
-    Layout(
-        "mmpretrain",
-        re.compile(r"(^|\.)(stem|stage_\d+\.\d+)\.branch_(3x3|1x1)\."),
-        (
-            (re.compile(r"^(backbone\.)?stem\."), "stage0."),
-            (re.compile(r"^(backbone\.)?stage_(\d+)\.(\d+)\."), r"stage\2.\3."),
-            (re.compile(r"^head\.fc\."), "linear."),
-        ),
-        (
-            ("branch_3x3.conv.", "rbr_dense.conv."),
-            ("branch_3x3.norm.", "rbr_dense.bn."),
-            ("branch_1x1.conv.", "rbr_1x1.conv."),
-            ("branch_1x1.norm.", "rbr_1x1.bn."),
-            ("branch_norm.", "rbr_identity."),
-            ("se_layer.conv1.conv.", "se.down."),
-            ("se_layer.conv2.conv.", "se.up."),
-        ),
-    ),
-)
-
-
-def detect_layout(keys: list[str]) -> Layout:
-    found = [layout for layout in LAYOUTS if any(layout.marker.search(k) for k in keys)]
-    if not found:
-        sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-        raise CheckpointError(
-            f"not a RepVGG checkpoint: none of its {len(keys)} tensors has RepVGG names "
-            f"(official rbr_dense/rbr_reparam, timm conv_kxk, mmpretrain branch_3x3); it has {sample}"
-        )
-    if len(found) > 1:
-        names = " and ".join(layout.name for layout in found)
-        raise CheckpointError(f"checkpoint mixes the {names} layouts; it must be one of them")
-    return found[0]
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -133,7 +52,7 @@ def _describe_load_failure(path: Path, exc: Exception) -> str:
             f"refusing {path}: it is a pickle that would run code when loaded (it calls {global_.group(3)}); "
             "rvdeploy loads tensors only"
         )
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = first_line(exc)
     with open(path, "rb") as f:
         zip_archive = f.read(4) == b"PK\x03\x04"  # torch.save's format: a readable start, a broken rest
     if zip_archive or isinstance(exc, (EOFError, zipfile.BadZipFile)) or "central directory" in text:

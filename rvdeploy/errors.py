@@ -1,13 +1,28 @@
-"""The errors rvdeploy reports to its users.
+"""The errors rvdeploy reports to its users, and the one helper that turns an exception into text.
 
-Every one carries a single line that names the problem; the CLI prints it and exits non-zero.
+Every error carries a single line that names the problem; the CLI prints it and exits with the
+error's ``exit_code``. Anything else that escapes is a bug.
 """
+
+INPUT_EXIT = 1
+FOLD_FAILED_EXIT = 3
+VERIFY_FAILED_EXIT = 4
+REGRESSION_EXIT = 5
+INTERNAL_ERROR_EXIT = 70
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message, or its type name when it has none."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
 
 
 class RvdeployError(Exception):
     """Base class: a problem with the user's input or environment, not a bug."""
 
-    exit_code = 1
+    exit_code = INPUT_EXIT
 
 
 class ArchError(RvdeployError):
@@ -21,8 +36,28 @@ class CheckpointError(RvdeployError):
 class FoldError(RvdeployError):
     """The folded network does not compute what the multi-branch network computes."""
 
-    exit_code = 3
+    exit_code = FOLD_FAILED_EXIT
 
 
 class OutputError(RvdeployError):
     """An output that cannot be written where it was asked for."""
+
+
+class OnnxError(RvdeployError):
+    """A file that is not a valid ONNX graph, or one that a runtime cannot load."""
+
+
+class VerificationFailed(RvdeployError):
+    """A graph that loads but is not what it must be (``verify`` found violations)."""
+
+    exit_code = VERIFY_FAILED_EXIT
+
+
+class RegressionError(RvdeployError):
+    """A latency slower than the baseline allows."""
+
+    exit_code = REGRESSION_EXIT
+
+
+class QuantizeError(RvdeployError):
+    """A graph or option the precision stage cannot work with."""

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from rvdeploy.compare import Comparison, compare_outputs
 from rvdeploy.data import DataError, ImageSet, batches, pad_batch
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
@@ -45,9 +46,33 @@ def predictions(runner: Runner, images: ImageSet, recipe: Preprocess, batch_size
     return np.concatenate(logits), kept
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """An accuracy and the logits it came from, for comparing models image by image."""
+
+    accuracy: Accuracy
+    logits: np.ndarray
+    indices: tuple[int, ...]  # of the images in the image set, one per logits row
+
+    def agreement(self, reference: Evaluation) -> Comparison:
+        """These logits against ``reference``'s on the images both decoded: top-1 agreement, SQNR, error."""
+        common = sorted(set(self.indices) & set(reference.indices))
+        mine = {i: row for i, row in zip(self.indices, self.logits)}
+        theirs = {i: row for i, row in zip(reference.indices, reference.logits)}
+        if not common or self.logits.shape[1:] != reference.logits.shape[1:]:
+            raise DataError(f"{self.accuracy.model} and {reference.accuracy.model} share no comparable outputs")
+        return compare_outputs(np.stack([mine[i] for i in common]), np.stack([theirs[i] for i in common]))
+
+
 def evaluate(runner: Runner, images: ImageSet, recipe: Preprocess | None = None, batch_size: int = 64,
              show_progress: bool = False) -> Accuracy:
     """Accuracy of ``runner`` on labelled ``images`` with the model's recipe (or ``recipe``)."""
+    return run_evaluation(runner, images, recipe, batch_size, show_progress).accuracy
+
+
+def run_evaluation(runner: Runner, images: ImageSet, recipe: Preprocess | None = None, batch_size: int = 64,
+                   show_progress: bool = False) -> Evaluation:
+    """:func:`evaluate`, keeping the logits."""
     recipe = recipe or runner.preprocess
     if recipe is None:
         raise DataError(f"{runner.name} carries no preprocessing recipe: give --mean, --std and --input-size")
@@ -61,7 +86,7 @@ def evaluate(runner: Runner, images: ImageSet, recipe: Preprocess | None = None,
     ranked = np.argsort(-logits, axis=1)
     top1 = float((ranked[:, 0] == labels).mean() * 100)
     top5 = float((ranked[:, :5] == labels[:, None]).any(axis=1).mean() * 100) if logits.shape[1] >= TOP5_MIN_CLASSES else None
-    return Accuracy(
+    accuracy = Accuracy(
         model=runner.name,
         backend=runner.backend,
         precision=runner.precision,
@@ -71,3 +96,4 @@ def evaluate(runner: Runner, images: ImageSet, recipe: Preprocess | None = None,
         skipped=len(images.skipped),
         seconds=time.perf_counter() - start,
     )
+    return Evaluation(accuracy, logits, tuple(kept))

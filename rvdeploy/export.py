@@ -8,7 +8,6 @@ The same weights and options give byte-identical files.
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,8 +18,7 @@ import torch
 
 from rvdeploy import __version__
 from rvdeploy.errors import RvdeployError
-from rvdeploy.files import atomic_output
-from rvdeploy.model import build_model
+from rvdeploy.onnx_io import save_onnx, with_min_ir_version, write_metadata
 from rvdeploy.preprocess import Preprocess, imagenet_recipe
 from rvdeploy.weights import DeployWeights, TrainWeights
 
@@ -31,7 +29,6 @@ DEFAULT_OPSET = 17  # TensorRT 11, TensorRT-RTX and onnxruntime all take it; Q/D
 MIN_OPSET = 13
 # torch's TorchScript exporter writes the canonical Conv/GlobalAveragePool/Flatten/Gemm graph up to here.
 MAX_OPSET = 20
-METADATA_PREFIX = "rvdeploy."
 
 
 class ExportError(RvdeployError):
@@ -58,36 +55,6 @@ def _recipe(weights: TrainWeights | DeployWeights, size: tuple[int, int] | None)
     return recipe if size is None or size == recipe.input_size else recipe.with_input_size(size)
 
 
-def decode_metadata(props: dict[str, str]) -> dict:
-    """The rvdeploy entries of a graph's metadata (key → value strings), JSON values decoded."""
-    data = {}
-    for key, value in props.items():
-        if key.startswith(METADATA_PREFIX):
-            try:
-                data[key[len(METADATA_PREFIX):]] = json.loads(value)
-            except json.JSONDecodeError:
-                data[key[len(METADATA_PREFIX):]] = value
-    return data
-
-
-def read_metadata(model: onnx.ModelProto) -> dict:
-    """The rvdeploy metadata of an exported graph, JSON values decoded; empty when it has none."""
-    return decode_metadata({p.key: p.value for p in model.metadata_props})
-
-
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The graph's batch size when it is fixed, None when the batch dimension is dynamic."""
-    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    return dim.dim_value if dim.HasField("dim_value") else None
-
-
-def write_metadata(model: onnx.ModelProto, updates: dict) -> None:
-    """Set (or replace) rvdeploy metadata entries of ``model``, keeping every other entry."""
-    props = {p.key: p.value for p in model.metadata_props}
-    props.update({METADATA_PREFIX + k: json.dumps(v, sort_keys=True) for k, v in updates.items()})
-    onnx.helper.set_model_props(model, props)
-
-
 def export_onnx(
     weights: TrainWeights | DeployWeights,
     path: str | os.PathLike,
@@ -101,7 +68,7 @@ def export_onnx(
     spec = weights.spec
     recipe = _recipe(weights, options.input_size)
     height, width = recipe.input_size
-    model = build_model(spec, deploy=fused, state_dict=weights.tensors)
+    model = weights.to_module()  # the multi-branch one keeps the checkpoint's BN epsilon
     example = torch.zeros(options.batch or 1, spec.in_channels, height, width)
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter announces its deprecation
@@ -117,9 +84,7 @@ def export_onnx(
             do_constant_folding=True,
             dynamo=False,
         )
-    graph = onnx.load_from_string(buffer.getvalue())
-    # The lowest IR version that carries this opset: every runtime that knows the opset reads it.
-    graph.ir_version = onnx.helper.find_min_ir_version_for(list(graph.opset_import))
+    graph = with_min_ir_version(onnx.load_from_string(buffer.getvalue()))
     graph.producer_name, graph.producer_version = "rvdeploy", __version__
     meta = {
         "arch": spec.name,
@@ -140,9 +105,7 @@ def export_onnx(
             meta["train_source_sha256"] = train_sha
     else:
         meta["source_sha256"] = train_sha
+    if not fused:
+        meta["bn_eps"] = weights.bn_eps
     write_metadata(graph, meta)
-    onnx.checker.check_model(graph, full_check=True)
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(graph.SerializeToString(deterministic=True))
-    return path
+    return save_onnx(graph, path, full_check=True)

@@ -112,3 +112,18 @@ def imagenet_recipe(size: tuple[int, int] = (224, 224)) -> Preprocess:
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
     )
+
+
+def given_recipe(mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
+                 input_size: tuple[int, int] | None = None, resize: int | None = None) -> Preprocess | None:
+    """The recipe a user spelled out (``--mean --std --input-size [--resize]``), or None when none was.
+
+    It overrides a model's own recipe; a partial one is refused rather than completed by guesses.
+    """
+    given = [v is not None for v in (mean, std, input_size)]
+    if not any(given) and resize is None:
+        return None
+    if not all(given):
+        raise RvdeployError("a preprocessing recipe needs all of --mean, --std and --input-size")
+    size = parse_size(input_size)
+    return Preprocess(size, resize or round(max(size) / IMAGENET_CROP_RATIO), tuple(mean), tuple(std))

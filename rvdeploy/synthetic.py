@@ -3,19 +3,57 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from rvdeploy.arch import ArchSpec
 from rvdeploy.model import DEFAULT_BN_EPS, RepVGG, RepVGGBlock
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-def trained_like_state_dict(spec: ArchSpec, seed: int = 0, bn_eps: float = DEFAULT_BN_EPS) -> dict[str, torch.Tensor]:
+
+def image_like_batch(n: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
+    """``n`` float32 images shaped like a normalised ImageNet batch, but random.
+
+    Natural images are smooth and spatially correlated, their channels move together, and each
+    has its own brightness and contrast; a white-noise batch has none of this, and BN statistics
+    measured on it are not what training measures. Each image is low-resolution noise at two
+    scales, upsampled bilinearly, mostly shared across channels, in [0, 1], then normalised with
+    the ImageNet mean and std (their averages for other channel counts).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def field(cells: int, depth: int) -> torch.Tensor:
+        low = torch.rand(n, depth, cells, cells, generator=g)
+        return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+    shapes = 0.6 * field(max(2, size // 16), 1) + 0.4 * field(max(2, size // 4), 1)  # shared by the channels
+    colour = 0.5 * field(max(2, size // 8), channels) + 0.25
+    pixels = 0.7 * shapes + 0.3 * colour
+    brightness = torch.rand(n, 1, 1, 1, generator=g) * 0.6 - 0.3
+    contrast = torch.rand(n, 1, 1, 1, generator=g) * 2.0 + 0.5
+    pixels = ((pixels - pixels.mean((1, 2, 3), keepdim=True)) * contrast + 0.45 + brightness).clamp(0, 1)
+    mean = IMAGENET_MEAN if channels == 3 else (sum(IMAGENET_MEAN) / 3,) * channels
+    std = IMAGENET_STD if channels == 3 else (sum(IMAGENET_STD) / 3,) * channels
+    return (pixels - torch.tensor(mean).reshape(1, -1, 1, 1)) / torch.tensor(std).reshape(1, -1, 1, 1)
+
+
+def trained_like_state_dict(
+    spec: ArchSpec, seed: int = 0, bn_eps: float = DEFAULT_BN_EPS, inputs: str = "gaussian"
+) -> dict[str, torch.Tensor]:
     """An official-layout training state dict that looks trained: random weights, random BN affine
     parameters, and running statistics measured block by block on the activations the eval-mode
     net actually produces, so activations stay in a trained range at any depth.
 
+    ``inputs`` is what the statistics are measured on: ``"gaussian"`` (white noise, the default)
+    or ``"image"`` (:func:`image_like_batch`, as training measures them). A net fitted to images
+    can be chaotic on a white-noise probe, as a really trained one is.
+
     Freshly initialised BNs (gamma 1, beta 0, mean 0, var 1) would hide folding mistakes; random
     statistics unrelated to the activations make deep nets explode, which no trained net does.
     """
+    if inputs not in ("gaussian", "image"):
+        raise ValueError(f"inputs must be 'gaussian' or 'image', not {inputs!r}")
     with torch.random.fork_rng():  # deterministic for a seed, without touching the caller's RNG
         torch.manual_seed(seed)
         model = RepVGG(spec, bn_eps=bn_eps)
@@ -26,7 +64,10 @@ def trained_like_state_dict(spec: ArchSpec, seed: int = 0, bn_eps: float = DEFAU
                 m.momentum = None  # running statistics become the plain average over the batch
             elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
                 m.bias.data.normal_(0.0, 0.2)
-        x = torch.randn(16, spec.in_channels, 64, 64)
+        if inputs == "image":
+            x = image_like_batch(16, spec.in_channels, 64, seed)
+        else:
+            x = torch.randn(16, spec.in_channels, 64, 64)
         with torch.no_grad():
             for block in (m for m in model.modules() if isinstance(m, RepVGGBlock)):  # execution order
                 block.train()(x)  # measure this block's statistics on its real (eval-mode) input

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
-from google.protobuf.message import DecodeError
 
 from rvdeploy.arch import ArchSpec, BlockSpec
 from rvdeploy.errors import RvdeployError
-from rvdeploy.export import read_metadata
-from rvdeploy.model import build_model
-from rvdeploy.numerics import float32_tolerance, relative_error
+from rvdeploy.compare import compare_outputs
+from rvdeploy.onnx_io import load_onnx, ort_session, read_metadata
 from rvdeploy.weights import DeployWeights, TrainWeights
 
 BODY_OPS = {"Conv", "Relu"}
@@ -51,10 +49,7 @@ class Parity:
     float32_noise_rel: float  # torch float32 vs. float64: what float32 explains
     tolerance_rel: float
     reference: str  # what ONNX Runtime was compared with
-
-    @property
-    def passed(self) -> bool:
-        return self.max_rel_error <= self.tolerance_rel
+    passed: bool
 
 
 @dataclass
@@ -74,8 +69,6 @@ class VerifyReport:
         data = asdict(self)
         data["ok"] = self.ok
         data["violations"] = [asdict(v) for v in self.violations]
-        if self.parity is not None:
-            data["parity"]["passed"] = self.parity.passed
         return data
 
 
@@ -176,26 +169,9 @@ class _Walker:
         return layers
 
 
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    path = Path(path)
-    if not path.is_file():
-        raise VerifyError(f"{path}: no such file")
-    try:
-        model = onnx.load(str(path))
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise VerifyError(f"{path} is not an ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if not model.graph.node:
-        raise VerifyError(f"{path} is not an ONNX model (no graph nodes)")
-    return model
-
-
 def check_graph(model: onnx.ModelProto, path: str = "<model>") -> VerifyReport:
     """Every structural check; violations are collected, not raised."""
     violations: list[Violation] = []
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        violations.append(Violation("<graph>", "-", f"onnx.checker: {str(exc).splitlines()[0]}"))
     meta = read_metadata(model)
     spec = ArchSpec.from_dict(meta["arch_spec"]) if "arch_spec" in meta else None
     if spec is None:
@@ -245,40 +221,33 @@ def check_parity(
     seed: int = 0,
 ) -> Parity:
     """ONNX Runtime on the graph vs. the torch net of ``weights`` on seeded probe batches."""
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types for graphs it cannot run
-        raise VerifyError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
+    session = ort_session(path)
     feed = session.get_inputs()[0]
     _, channels, height, width = feed.shape
     if isinstance(feed.shape[0], int):
         batches = (feed.shape[0],)
     if (channels, height, width) != (weights.spec.in_channels, *feed.shape[2:]) or not isinstance(height, int):
         raise VerifyError(f"graph input {feed.shape} does not fit {weights.spec.name}'s {weights.spec.in_channels} channels")
-    deploy = isinstance(weights, DeployWeights)
-    model32 = build_model(weights.spec, deploy=deploy, state_dict=weights.tensors)
-    model64 = build_model(weights.spec, deploy=deploy, state_dict=weights.tensors, dtype=torch.float64)
+    model32, model64 = weights.to_module(), weights.to_module(torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    max_abs = max_rel = noise = 0.0
+    got, expected32, expected64 = [], [], []
     for batch in batches:
         x = torch.randn(batch, channels, height, width, generator=generator)
         with torch.inference_mode():
-            expected32, expected64 = model32(x), model64(x.double())
-        got = torch.from_numpy(session.run(None, {feed.name: x.numpy()})[0])
-        if got.shape != expected32.shape:
-            raise VerifyError(f"ONNX Runtime output shape {tuple(got.shape)}, torch gives {tuple(expected32.shape)}")
-        max_abs = max(max_abs, (got - expected32).abs().max().item())
-        max_rel = max(max_rel, relative_error(got, expected64))
-        noise = max(noise, relative_error(expected32, expected64))
+            expected32.append(model32(x).numpy())
+            expected64.append(model64(x.double()).numpy())
+        got.append(session.run(None, {feed.name: x.numpy()})[0])
+        if got[-1].shape != expected32[-1].shape:
+            raise VerifyError(f"ONNX Runtime output shape {got[-1].shape}, torch gives {expected32[-1].shape}")
+    comparison = compare_outputs(np.concatenate(got), np.concatenate(expected64), np.concatenate(expected32))
     return Parity(
         batches=tuple(batches),
-        max_abs_error=max_abs,
-        max_rel_error=max_rel,
-        float32_noise_rel=noise,
-        tolerance_rel=float32_tolerance(noise),
-        reference="fused torch model" if deploy else "multi-branch torch model",
+        max_abs_error=comparison.max_abs_error,
+        max_rel_error=comparison.max_rel_error,
+        float32_noise_rel=comparison.noise_rel,
+        tolerance_rel=comparison.budget_rel,
+        reference=f"{weights.form} torch model",
+        passed=bool(comparison.passed),
     )
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from rvdeploy.arch import ArchSpec
-from rvdeploy.model import DEFAULT_BN_EPS
+from rvdeploy.model import DEFAULT_BN_EPS, RepVGG, build_model
 from rvdeploy.preprocess import Preprocess
 
 
@@ -32,7 +32,13 @@ class TrainWeights:
     tensors: dict[str, torch.Tensor]
     source: Source | None = None
     preprocess: Preprocess | None = None
-    bn_eps: float = DEFAULT_BN_EPS
+    bn_eps: float = DEFAULT_BN_EPS  # every BatchNorm of every module built from these weights uses it
+
+    form = "multi-branch"
+
+    def to_module(self, dtype: torch.dtype = torch.float32) -> RepVGG:
+        """The multi-branch net in eval mode, with these weights and this BN epsilon."""
+        return build_model(self.spec, False, self.tensors, self.bn_eps, dtype)
 
 
 @dataclass
@@ -44,3 +50,9 @@ class DeployWeights:
     meta: dict  # provenance and the fold's report; "source_sha256" names the training checkpoint
     preprocess: Preprocess | None = None
     source: Source | None = None  # the fused file these were read from, if any
+
+    form = "fused"
+
+    def to_module(self, dtype: torch.dtype = torch.float32) -> RepVGG:
+        """The plain net (3x3 conv + bias per block) in eval mode."""
+        return build_model(self.spec, True, self.tensors, dtype=dtype)

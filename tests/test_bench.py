@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rvdeploy.bench import Latency, measure
+from rvdeploy.timing import Latency, TimingError, measure
 
 
 def test_statistics_of_a_known_series():
@@ -23,7 +23,7 @@ def test_outliers_move_the_tail_not_the_median():
 
 @pytest.mark.parametrize("bad", [[], [1.0, float("nan")], [0.0, 1.0], [-1.0]])
 def test_rejects_meaningless_series(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(TimingError):
         Latency.from_samples(bad, batch=1)
 
 
@@ -37,7 +37,10 @@ def test_measure_honours_the_iteration_floor():
 import copy
 import json
 
-from rvdeploy.bench import REGRESSION_EXIT, BenchError, BenchSettings, bench_target, compare, validate_report
+from rvdeploy.bench import BenchSettings, bench_target
+from rvdeploy.errors import REGRESSION_EXIT
+from rvdeploy.gate import BaselineError, validate_report
+from rvdeploy.gate import check_regression as compare
 
 from conftest import DIGITS_CKPT
 from test_cli import assert_one_line_error, run
@@ -55,7 +58,7 @@ def digits_onnx(tmp_path_factory):
 
 
 def test_report_follows_the_documented_schema(digits_onnx):
-    report = bench_target(digits_onnx, "ort", "cpu", QUICK)
+    report = bench_target(digits_onnx, "ort", QUICK)
     assert set(report) == {"results", "machine"}
     assert [r["batch"] for r in report["results"]] == [1, 2]
     for row in report["results"]:
@@ -64,7 +67,7 @@ def test_report_follows_the_documented_schema(digits_onnx):
         lat = row["latency_ms"]
         assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"]
         assert row["throughput_ips"] == pytest.approx(row["batch"] * 1000 / lat["mean"])
-        assert row["model"] == "custom" and row["variant"] == "fused@32x32" and row["backend"] == "onnxruntime-cpu"
+        assert row["model"] == "digits" and row["variant"] == "fused@32x32" and row["backend"] == "onnxruntime-cpu"
         assert row["reference_p50_ms"] > 0 and row["normalized_p50"] == pytest.approx(lat["p50"] / row["reference_p50_ms"])
     machine = report["machine"]
     assert machine["cpu_cores"] >= 1 and "onnxruntime" in machine["versions"] and machine["reference_workload"]["op"] == "conv3x3"
@@ -72,7 +75,7 @@ def test_report_follows_the_documented_schema(digits_onnx):
 
 
 def test_training_checkpoint_times_both_forms_and_the_speedup():
-    report = bench_target(DIGITS_CKPT, "torch", "cpu", BenchSettings(batches=(4,), warmup_s=0.0, min_s=0.05, iters=3))
+    report = bench_target(DIGITS_CKPT, "torch", BenchSettings(batches=(4,), warmup_s=0.0, min_s=0.05, iters=3))
     assert [r["variant"] for r in report["results"]] == ["multi-branch@32x32", "fused@32x32"]
     speedup = report["speedups"][0]
     assert speedup["batch"] == 4
@@ -123,11 +126,11 @@ def test_normalisation_holds_across_a_machine_speed_change():
 def test_gate_needs_matching_rows_and_reference_timings():
     other = _report(3.0, 0.5)
     other["results"][0]["batch"] = 8
-    with pytest.raises(BenchError, match="no result matches the baseline"):
+    with pytest.raises(BaselineError, match="no result matches the baseline"):
         compare(_report(3.0, 0.5), other, 20)
     no_reference = _report(3.0, 0.5, cpu="cpu B")
     no_reference["results"][0]["reference_p50_ms"] = None
-    with pytest.raises(BenchError, match="cannot normalise"):
+    with pytest.raises(BaselineError, match="cannot normalise"):
         compare(_report(3.0, 0.5), no_reference, 20)
 
 
@@ -144,7 +147,7 @@ def test_cli_gate_exit_codes(tmp_path, digits_onnx):
     code, stdout, stderr = run("bench", digits_onnx, "--backend", "ort", "--batch", "2", *QUICK_ARGS,
                                "--baseline", tmp_path / "faster.json", "--max-regression", "50")
     assert code == REGRESSION_EXIT
-    assert stderr.strip().splitlines()[-1].startswith("error: latency regression: custom / fused@32x32 / onnxruntime-cpu / fp32 / 2 is +")
+    assert stderr.strip().splitlines()[-1].startswith("error: latency regression: digits / fused@32x32 / onnxruntime-cpu / fp32 / 2 is +")
     slower = copy.deepcopy(current)
     for row in slower["results"]:
         row["latency_ms"] = {k: v * 3 for k, v in row["latency_ms"].items()}
@@ -162,8 +165,8 @@ def test_cli_plot(tmp_path, digits_onnx):
 def test_cli_bad_input(tmp_path, digits_onnx):
     assert_one_line_error(*run("bench", tmp_path / "none.onnx", "--backend", "ort"), r"none\.onnx: no such file")
     assert_one_line_error(*run("bench", digits_onnx, "--backend", "tflite"), r"Invalid value for '--backend'")
-    assert_one_line_error(*run("bench", digits_onnx, "--backend", "torch"), r"--backend torch needs a checkpoint")
-    assert_one_line_error(*run("bench", DIGITS_CKPT, "--backend", "ort"), r"--backend ort needs a \.onnx target")
+    assert_one_line_error(*run("bench", digits_onnx, "--backend", "torch"), r"backend torch needs a checkpoint, got digits\.onnx")
+    assert_one_line_error(*run("bench", DIGITS_CKPT, "--backend", "ort"), r"backend onnxruntime needs an \.onnx graph, got repvgg_digits_train\.pth")
     (tmp_path / "bad.json").write_text("{oops")
     assert_one_line_error(*run("bench", digits_onnx, "--backend", "ort", "--baseline", tmp_path / "bad.json"), r"bad\.json is not JSON")
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))

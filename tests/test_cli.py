@@ -73,7 +73,7 @@ def test_fuse_safetensors_keeps_meta_in_header(tmp_path, small_se_spec):
 def test_fuse_human_report(tmp_path, train_ckpt):
     code, stdout, _ = run("fuse", train_ckpt, "-o", tmp_path / "f.pth")
     assert code == 0
-    assert "self-check" in stdout and "passed" in stdout and "float64 rel error" in stdout
+    assert "self-check" in stdout and "passed" in stdout and "blocks proven" in stdout and "end to end" in stdout
 
 
 def test_failed_fuse_leaves_existing_output_untouched(tmp_path, small_state):

@@ -11,8 +11,9 @@ from onnx import TensorProto, helper
 
 from rvdeploy.arch import zoo_spec
 from rvdeploy.data import labelled_folder
-from rvdeploy.engine.build import BuildSettings, EngineBuildError, build_engine, load_backend, sidecar_path
-from rvdeploy.engine.runtime import check_engine
+from rvdeploy.engine.build import BuildSettings, build_engine
+from rvdeploy.engine.library import LibraryError, load_library
+from rvdeploy.engine.sidecar import EngineFileError, check_engine, sidecar_path
 from rvdeploy.eval import evaluate
 from rvdeploy.export import ExportOptions, export_onnx
 from rvdeploy.reparam import fuse
@@ -61,7 +62,7 @@ def test_sidecar_records_the_build(tmp_path, zoo_graphs):
     engine = tmp_path / "a0.engine"
     settings = BuildSettings(min_batch=2, opt_batch=4, max_batch=16, workspace_mb=256, opt_level=3)
     side = build_engine(zoo_graphs["RepVGG-A0"], engine, "tensorrt-rtx", settings).sidecar
-    assert side["backend"] == "tensorrt-rtx" and side["library_version"] == load_backend("tensorrt-rtx").version
+    assert side["backend"] == "tensorrt-rtx" and side["library_version"] == load_library("tensorrt-rtx").version
     assert side["request"]["onnx_sha256"] == sha256_file(zoo_graphs["RepVGG-A0"])
     assert side["engine_sha256"] == sha256_file(engine)
     assert side["profiles"] == [{"input": "input", "min": [2, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [16, 3, 32, 32]}]
@@ -92,7 +93,7 @@ def test_parser_errors_name_the_node(tmp_path):
         [helper.make_node("Relu", ["input"], ["r"], name="first_relu"),
          helper.make_node("Mystery", ["r"], ["out"], name="the_unknown_op", domain="com.example")],
         "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 3, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [-1, 3, 8, 8])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "odd.onnx")
@@ -105,8 +106,8 @@ def test_no_backend_installed_says_what_to_install(tmp_path, zoo_graphs, monkeyp
     # An import guard: both libraries fail to import, as on a machine without them.
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
-    with pytest.raises(EngineBuildError, match=r"no TensorRT builder is installed \(tensorrt or tensorrt-rtx\): pip install 'rvdeploy\[gpu\]'.*pip install tensorrt-rtx-cu13"):
-        load_backend("auto")
+    with pytest.raises(LibraryError, match=r"no TensorRT builder is installed \(tensorrt or tensorrt-rtx\): pip install 'rvdeploy\[gpu\]'.*pip install tensorrt-rtx-cu13"):
+        load_library("auto")
     assert_one_line_error(*run("build-engine", zoo_graphs["RepVGG-A0"], "-o", tmp_path / "x.engine", "--backend", "tensorrt"),
                           r"no TensorRT builder is installed \(tensorrt\): pip install 'rvdeploy\[gpu\]'")
 
@@ -144,14 +145,14 @@ def test_runtime_refuses_missing_or_mismatched_sidecars(tmp_path, zoo_graphs):
     build_engine(zoo_graphs["RepVGG-A0"], engine, "tensorrt-rtx")
     side = sidecar_path(engine)
     original = side.read_text()
-    assert check_engine(engine)["backend"] == "tensorrt-rtx"
+    assert check_engine(engine)[0]["backend"] == "tensorrt-rtx"
 
     side.write_text(json.dumps({**json.loads(original), "library_version": "0.0.1"}))
-    with pytest.raises(RunnerError, match=r"built with tensorrt-rtx 0\.0\.1 but .* is installed: rebuild it"):
+    with pytest.raises(EngineFileError, match=r"built with tensorrt-rtx 0\.0\.1 but .* is installed: rebuild it"):
         check_engine(engine)
     side.write_text(original)
     engine.write_bytes(engine.read_bytes() + b"\0")
-    with pytest.raises(RunnerError, match=r"does not match its sidecar \(sha256 differs\)"):
+    with pytest.raises(EngineFileError, match=r"does not match its sidecar \(sha256 differs\)"):
         check_engine(engine)
     side.unlink()
     assert_one_line_error(*run("eval", engine, "--data", HELDOUT), r"has no readable rvdeploy sidecar \(m\.engine\.json\)")
@@ -170,7 +171,7 @@ def gpu_engines(tmp_path_factory):
     """FP32, FP16 and INT8 engines of the shipped model, built here with the installed backend."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU: engines are built here, but running them needs one")
-    backend = load_backend("auto")
+    backend = load_library("auto")
     folder = tmp_path_factory.mktemp("gpu")
     fp32 = folder / "digits.onnx"
     code, _, stderr = run("export", ROOT / "models/digits/repvgg_digits_train.pth", "--onnx", fp32)
@@ -181,7 +182,8 @@ def gpu_engines(tmp_path_factory):
         code, _, stderr = run("build-engine", fp32, "-o", engines[precision], "--backend", backend.name, *extra)
         assert code == 0, stderr
     try:
-        open_runner(engines["fp32"]).close()
+        with open_runner(engines["fp32"]):
+            pass
     except RunnerError as exc:
         pytest.skip(f"this GPU cannot run {backend.name} engines: {exc}")
     return fp32, engines

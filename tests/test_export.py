@@ -11,7 +11,8 @@ import torch
 
 from rvdeploy.arch import zoo_spec
 from rvdeploy.checkpoint import load_train_weights, load_weights
-from rvdeploy.export import ExportError, ExportOptions, export_onnx, read_metadata
+from rvdeploy.export import ExportError, ExportOptions, export_onnx
+from rvdeploy.onnx_io import read_metadata
 from rvdeploy.files import sha256_file
 from rvdeploy.reparam import fuse
 from rvdeploy.synthetic import trained_like_state_dict

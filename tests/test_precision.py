@@ -12,12 +12,14 @@ from onnx import numpy_helper
 
 from rvdeploy.checkpoint import load_train_weights
 from rvdeploy.data import labelled_folder
-from rvdeploy.engine.build import EngineBuildError, compile_onnx, load_backend
+from rvdeploy.engine.build import EngineBuildError, compile_onnx
+from rvdeploy.engine.library import load_library
 from rvdeploy.eval import evaluate
-from rvdeploy.export import ExportOptions, export_onnx, read_metadata, write_metadata
+from rvdeploy.export import ExportOptions, export_onnx
+from rvdeploy.onnx_io import read_metadata, write_metadata
 from rvdeploy.precision.calib import CalibrationError
 from rvdeploy.precision.fp16 import FP16_MAX, convert_fp16
-from rvdeploy.precision.quantize import quantize_fp16, quantize_int8_file
+from rvdeploy.precision.quantize import Fp16Options, Int8Options, quantize_fp16, quantize_int8_file
 from rvdeploy.reparam import fuse
 from rvdeploy.runners import OrtRunner
 
@@ -55,19 +57,19 @@ def probe(fp32) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def int8_trt(work, fp32) -> Path:
-    quantize_int8_file(fp32, work / "int8_trt.onnx", CALIB, "tensorrt", show_progress=False)
+    quantize_int8_file(fp32, work / "int8_trt.onnx", Int8Options(CALIB, target="tensorrt", show_progress=False))
     return work / "int8_trt.onnx"
 
 
 @pytest.fixture(scope="module")
 def int8_ort(work, fp32) -> Path:
-    quantize_int8_file(fp32, work / "int8_ort.onnx", CALIB, "onnxruntime", show_progress=False)
+    quantize_int8_file(fp32, work / "int8_ort.onnx", Int8Options(CALIB, target="onnxruntime", show_progress=False))
     return work / "int8_ort.onnx"
 
 
 @pytest.fixture(scope="module")
 def builder():
-    return load_backend("tensorrt-rtx")
+    return load_library("tensorrt-rtx")
 
 
 # -- FP16 ------------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ def test_fp16_graph_is_typed_and_keeps_accuracy(work, fp32, probe):
 
 def test_fp16_io(work, fp32, probe):
     out = work / "fp16_io.onnx"
-    quantize_fp16(fp32, out, io_fp16=True, calib_dir=CALIB)
+    quantize_fp16(fp32, out, Fp16Options(io_fp16=True, calib_dir=CALIB))
     model = onnx.load(out)
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
@@ -119,7 +121,7 @@ def test_fp16_keeps_out_of_range_layers_in_fp32(work, fp32, probe):
     reference = logits(fp32, probe)
     assert np.abs(logits(big, probe) - reference).max() <= 1e-4 * np.abs(reference).max()
     out = work / "big_fp16.onnx"
-    report = quantize_fp16(big, out, calib_dir=CALIB)
+    report = quantize_fp16(big, out, Fp16Options(calib_dir=CALIB))
     kept = {k.node for k in report.kept_fp32}
     assert {"/stage2/stage2.0/rbr_reparam/Conv", "/stage2/stage2.0/nonlinearity/Relu", "/stage2/stage2.1/rbr_reparam/Conv"} <= kept
     assert any("reaches" in k.reason and float(k.reason.rsplit(" ", 1)[1]) > FP16_MAX for k in report.kept_fp32)
@@ -187,13 +189,13 @@ def test_int8_accuracy_on_the_heldout_split(fp32, int8_trt, int8_ort):
 
 def test_calibration_cache_hits_and_misses(work, fp32):
     cache = work / "calib-cache.json"
-    first = quantize_int8_file(fp32, work / "c1.onnx", CALIB, method="minmax", cache_path=cache, show_progress=False)
-    second = quantize_int8_file(fp32, work / "c2.onnx", CALIB, method="minmax", cache_path=cache, show_progress=False)
+    first = quantize_int8_file(fp32, work / "c1.onnx", Int8Options(CALIB, method="minmax", cache_path=cache, show_progress=False))
+    second = quantize_int8_file(fp32, work / "c2.onnx", Int8Options(CALIB, method="minmax", cache_path=cache, show_progress=False))
     assert (first.from_cache, second.from_cache) == (False, True)
     assert (work / "c1.onnx").read_bytes() == (work / "c2.onnx").read_bytes()
-    other = quantize_int8_file(fp32, work / "c3.onnx", CALIB, method="percentile", cache_path=cache, show_progress=False)
+    other = quantize_int8_file(fp32, work / "c3.onnx", Int8Options(CALIB, method="percentile", cache_path=cache, show_progress=False))
     assert not other.from_cache
-    fewer = quantize_int8_file(fp32, work / "c4.onnx", CALIB, method="minmax", num_images=64, cache_path=cache, show_progress=False)
+    fewer = quantize_int8_file(fp32, work / "c4.onnx", Int8Options(CALIB, method="minmax", num_images=64, cache_path=cache, show_progress=False))
     assert not fewer.from_cache and fewer.calibration_images == 64
     entries = json.loads(cache.read_text())["entries"]
     assert len(entries) == 3
@@ -201,7 +203,7 @@ def test_calibration_cache_hits_and_misses(work, fp32):
     assert all(key.startswith(sha256_file(fp32)) for key in entries)
     cache.write_text("{not json")
     with pytest.raises(CalibrationError, match="is not readable JSON"):
-        quantize_int8_file(fp32, work / "c5.onnx", CALIB, cache_path=cache, show_progress=False)
+        quantize_int8_file(fp32, work / "c5.onnx", Int8Options(CALIB, cache_path=cache, show_progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -225,12 +227,12 @@ def outlier_model(work, fp32) -> Path:
 
 def test_accuracy_guard_falls_back_the_sensitive_layer(work, fp32, outlier_model):
     assert abs(top1(outlier_model) - top1(fp32)) < 1e-9
-    plain = quantize_int8_file(outlier_model, work / "outlier_int8.onnx", CALIB, show_progress=False)
+    plain = quantize_int8_file(outlier_model, work / "outlier_int8.onnx", Int8Options(CALIB, show_progress=False))
     assert plain.fp32_nodes == []
     drop_unguarded = top1(fp32) - top1(work / "outlier_int8.onnx")
     assert drop_unguarded > 1.0
-    guarded = quantize_int8_file(outlier_model, work / "guarded.onnx", CALIB, val_dir=HELDOUT, max_top1_drop=0.5,
-                                 show_progress=False)
+    guarded = quantize_int8_file(outlier_model, work / "guarded.onnx",
+                                 Int8Options(CALIB, val_dir=HELDOUT, max_top1_drop=0.5, show_progress=False))
     report = guarded.guard
     assert report.met and report.fp32_top1 - report.final_top1 <= 0.5
     assert report.int8_top1 == pytest.approx(top1(fp32) - drop_unguarded)
@@ -251,8 +253,8 @@ def test_tensorrt_rtx_builds_every_produced_graph(work, builder, request, graph)
         if graph == "guarded":
             request.getfixturevalue("outlier_model")
             if not (work / "guarded.onnx").exists():
-                quantize_int8_file(work / "outlier.onnx", work / "guarded.onnx", CALIB, val_dir=HELDOUT,
-                                   max_top1_drop=0.5, show_progress=False)
+                quantize_int8_file(work / "outlier.onnx", work / "guarded.onnx",
+                                   Int8Options(CALIB, val_dir=HELDOUT, max_top1_drop=0.5, show_progress=False))
         elif not (work / "fp16.onnx").exists():
             quantize_fp16(work / "fp32.onnx", work / "fp16.onnx")
         path = work / f"{graph}.onnx"
@@ -290,7 +292,7 @@ def test_corrupt_images_are_skipped_and_counted(work, fp32, tmp_path):
     for source in sorted(CALIB.glob("*.png"))[:20]:
         (mixed / source.name).write_bytes(source.read_bytes())
     (mixed / "bad.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    report = quantize_int8_file(fp32, tmp_path / "q.onnx", mixed, show_progress=False)
+    report = quantize_int8_file(fp32, tmp_path / "q.onnx", Int8Options(mixed, show_progress=False))
     assert report.calibration_images == 20 and report.skipped_images == 1
 
 
@@ -321,6 +323,31 @@ def test_graph_without_metadata_needs_a_recipe(fp32, tmp_path):
                           r"must be three numbers")
 
 
+@pytest.mark.parametrize("command", ["quantize", "build-engine", "eval"])
+def test_every_image_reading_command_takes_the_same_recipe_options(fp32, tmp_path, command):
+    bare = onnx.load(fp32)
+    del bare.metadata_props[:]
+    onnx.save(bare, tmp_path / "bare.onnx")
+    args = {
+        "quantize": ["quantize", tmp_path / "bare.onnx", "--int8", "--calib", CALIB, "--num-images", "32", "-o", tmp_path / "q.onnx"],
+        "build-engine": ["build-engine", tmp_path / "bare.onnx", "--int8", "--calib", CALIB, "--num-images", "32",
+                         "--backend", "rtx", "-o", tmp_path / "q.engine"],
+        "eval": ["eval", tmp_path / "bare.onnx", "--data", HELDOUT],
+    }[command]
+    assert_one_line_error(*run(*args), r"give --mean, --std and --input-size")
+    recipe = ["--mean", "0.30566,0.30566,0.30566", "--std", "0.32352,0.32352,0.32352", "--input-size", "32", "--resize", "32",
+              "--allow-upscale"]
+    code, stdout, stderr = run(*args, *recipe, "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    if command == "eval":
+        assert result["results"][0]["top1"] > 99
+    elif command == "build-engine":
+        assert result["precision"] == "int8" and (tmp_path / "q.engine").stat().st_size == result["engine_bytes"]
+    else:
+        assert result["calibration_images"] == 32
+
+
 def test_quantizing_a_quantized_graph_is_refused(int8_trt, tmp_path):
     assert_one_line_error(*run("quantize", int8_trt, "--fp16", "-o", tmp_path / "x.onnx"),
                           r"already a int8 graph: quantize its FP32 export instead")
@@ -345,6 +372,21 @@ def test_eval_compares_models_side_by_side(fp32, int8_trt):
     assert all(r["images"] == 360 and r["top5"] is not None for r in results)
     code, stdout, _ = run("eval", fp32, int8_trt, "--data", HELDOUT)
     assert code == 0 and "Δ top-1" in stdout and "+0.00" in stdout
+
+
+def test_eval_compare_measures_agreement_with_the_first_model(fp32, int8_trt, tmp_path):
+    code, stdout, stderr = run("eval", "--compare", DIGITS_CKPT, fp32, int8_trt, "--data", HELDOUT, "--json")
+    assert code == 0, stderr
+    results = json.loads(stdout)["results"]
+    assert results[0]["vs_first"] is None
+    folded, int8 = results[1]["vs_first"], results[2]["vs_first"]
+    # The fold and export change rounding only; INT8 changes the logits measurably but few decisions.
+    assert folded["top1_agreement"] == 1.0 and folded["max_rel_error"] < 1e-5 and folded["sqnr_db"] > 90
+    assert 0.97 <= int8["top1_agreement"] <= 1.0 and 10 < int8["sqnr_db"] < folded["sqnr_db"]
+    code, stdout, _ = run("eval", "--compare", fp32, int8_trt, "--data", HELDOUT)
+    assert code == 0 and "agrees with first %" in stdout and "(reference)" in stdout
+    assert "agrees" not in run("eval", fp32, int8_trt, "--data", HELDOUT)[1]
+    assert_one_line_error(*run("eval", "--compare", fp32, "--data", HELDOUT), r"--compare needs two or more models")
 
 
 def test_eval_bad_inputs(fp32, tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from rvdeploy.checkpoint import load_weights
 from rvdeploy.export import ExportOptions, export_onnx
 from rvdeploy.reparam import fuse
-from rvdeploy.verify import VerifyError, check_graph, verify
+from rvdeploy.errors import OnnxError
+from rvdeploy.verify import check_graph, verify
 
 from conftest import DIGITS_CKPT
 from test_cli import assert_one_line_error, run
@@ -135,5 +136,5 @@ def test_non_onnx_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "empty.onnx").write_bytes(b"")
     assert_one_line_error(*run("verify", tmp_path / "empty.onnx"), r"empty\.onnx is not an ONNX model")
     assert_one_line_error(*run("verify", tmp_path / "missing.onnx"), r"missing\.onnx: no such file")
-    with pytest.raises(VerifyError):
+    with pytest.raises(OnnxError, match=r"repvgg_digits_train\.pth is not an ONNX model"):
         verify(DIGITS_CKPT)

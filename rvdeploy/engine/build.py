@@ -11,80 +11,23 @@ and on which GPU; a rebuild with identical inputs and settings is skipped.
 from __future__ import annotations
 
 import datetime
-import importlib
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-
 
 from rvdeploy import __version__
-from rvdeploy.errors import RvdeployError
-from rvdeploy.export import read_metadata
+from rvdeploy.engine.library import Library, collecting_logger, load_library
+from rvdeploy.engine.sidecar import SIDECAR_FORMAT, read_sidecar, sidecar_path, write_sidecar
+from rvdeploy.errors import RvdeployError, first_line
 from rvdeploy.files import atomic_output, sha256_file
+from rvdeploy.onnx_io import load_onnx, precision_label, read_metadata
 
-BACKENDS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-INSTALL_HINT = {
-    "tensorrt": "pip install 'rvdeploy[gpu]' (TensorRT 11, for data-center GPUs and Jetson)",
-    "tensorrt-rtx": "pip install tensorrt-rtx-cu13 (TensorRT for RTX; builds ahead of time without a GPU)",
-}
-SIDECAR_FORMAT = "rvdeploy-engine/1"
 DEFAULT_BATCHES = (1, 8, 32)
 
 
 class EngineBuildError(RvdeployError):
     """A graph the builder rejects, settings that make no sense, or no builder at all."""
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    trt: ModuleType
-
-    @property
-    def version(self) -> str:
-        return self.trt.__version__
-
-    @property
-    def strongly_typed_flag(self) -> int:
-        # TensorRT-RTX networks are always strongly typed; TensorRT 11 takes the flag explicitly.
-        if self.name == "tensorrt-rtx":
-            return 0
-        return 1 << int(self.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-
-    @property
-    def uses_timing_cache(self) -> bool:
-        return self.name == "tensorrt"  # TensorRT-RTX's timing-cache calls are no-ops
-
-
-def load_backend(name: str = "auto") -> Backend:
-    """``auto`` prefers TensorRT when it imports, else TensorRT-RTX."""
-    candidates = ["tensorrt", "tensorrt-rtx"] if name == "auto" else [name]
-    if any(c not in BACKENDS for c in candidates):
-        raise EngineBuildError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
-    for candidate in candidates:
-        try:
-            return Backend(candidate, importlib.import_module(BACKENDS[candidate]))
-        except ImportError:
-            continue
-    hints = "; or ".join(INSTALL_HINT[c] for c in candidates)
-    raise EngineBuildError(f"no TensorRT builder is installed ({' or '.join(candidates)}): {hints}")
-
-
-def collecting_logger(trt: ModuleType):
-    """A logger that keeps TensorRT's messages instead of printing them: errors reach the user as one line."""
-
-    class CollectingLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages: list[tuple[object, str]] = []
-
-        def log(self, severity, msg) -> None:
-            self.messages.append((severity, msg))
-
-    return CollectingLogger()
 
 
 @dataclass(frozen=True)
@@ -128,10 +71,6 @@ class BuildResult:
     skipped: bool  # an identical build was already there
 
 
-def sidecar_path(engine: str | os.PathLike) -> Path:
-    return Path(f"{engine}.json")
-
-
 def _gpu() -> dict | None:
     try:
         import torch
@@ -142,18 +81,18 @@ def _gpu() -> dict | None:
     return {"name": torch.cuda.get_device_name(0), "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
 
 
-def _parse(backend: Backend, onnx_path: Path):
-    trt = backend.trt
+def _parse(library: Library, onnx_path: Path):
+    trt = library.trt
     logger = collecting_logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(backend.strongly_typed_flag)
+    network = builder.create_network(library.strongly_typed_flag)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0]
-        desc = first.desc().strip().splitlines()[0]
+        desc = first_line(Exception(first.desc()))
         raise EngineBuildError(
-            f"{backend.name} cannot parse {onnx_path}: node {first.node_name() or first.node()} "
+            f"{library.name} cannot parse {onnx_path}: node {first.node_name() or first.node()} "
             f"({first.node_operator()}): {desc}" + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else "")
         )
     return builder, network, parser, logger
@@ -170,8 +109,8 @@ def _profile(network, settings: BuildSettings) -> list[dict]:
     return [{"input": tensor.name, "min": [lo, *shape[1:]], "opt": [opt, *shape[1:]], "max": [hi, *shape[1:]]}]
 
 
-def _configure(backend: Backend, builder, settings: BuildSettings, profiles: list[dict]):
-    trt = backend.trt
+def _configure(library: Library, builder, settings: BuildSettings, profiles: list[dict]):
+    trt = library.trt
     config = builder.create_builder_config()
     if not settings.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)  # FP32 layers must match ONNX Runtime
@@ -184,34 +123,27 @@ def _configure(backend: Backend, builder, settings: BuildSettings, profiles: lis
         profile.set_shape(p["input"], p["min"], p["opt"], p["max"])
     config.add_optimization_profile(profile)
     timing_cache = None
-    if settings.timing_cache and backend.uses_timing_cache:
+    if settings.timing_cache and library.uses_timing_cache:
         path = Path(settings.timing_cache)
         timing_cache = config.create_timing_cache(path.read_bytes() if path.exists() else b"")
         config.set_timing_cache(timing_cache, ignore_mismatch=False)
     return config, timing_cache
 
 
-def compile_onnx(onnx_path: str | os.PathLike, backend: Backend, settings: BuildSettings = BuildSettings()) -> tuple[bytes, list[dict]]:
+def compile_onnx(onnx_path: str | os.PathLike, library: Library, settings: BuildSettings = BuildSettings()) -> tuple[bytes, list[dict]]:
     """A serialized engine for the graph at ``onnx_path`` and the profiles it was built with."""
     onnx_path = Path(onnx_path)
-    builder, network, _parser, _logger = _parse(backend, onnx_path)
+    builder, network, _parser, _logger = _parse(library, onnx_path)
     profiles = _profile(network, settings)
-    config, timing_cache = _configure(backend, builder, settings, profiles)
+    config, timing_cache = _configure(library, builder, settings, profiles)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        errors = [msg for severity, msg in _logger.messages if severity in (backend.trt.Logger.ERROR, backend.trt.Logger.INTERNAL_ERROR)]
-        raise EngineBuildError(f"{backend.name} could not build an engine from {onnx_path}" + (f": {errors[0]}" if errors else ""))
+        errors = [msg for severity, msg in _logger.messages if severity in (library.trt.Logger.ERROR, library.trt.Logger.INTERNAL_ERROR)]
+        raise EngineBuildError(f"{library.name} could not build an engine from {onnx_path}" + (f": {errors[0]}" if errors else ""))
     if timing_cache is not None:
         with atomic_output(settings.timing_cache) as tmp:
             tmp.write_bytes(bytes(timing_cache.serialize()))
     return bytes(serialized), profiles
-
-
-def _describe_precision(meta: dict) -> str:
-    precision = meta.get("precision", "fp32")
-    if meta.get("fp32_nodes") and precision != "fp32":
-        precision += f" ({len(meta['fp32_nodes'])} nodes fp32)"
-    return precision
 
 
 def _same_build(old: dict, request: dict, engine: Path) -> bool:
@@ -223,21 +155,12 @@ def _same_build(old: dict, request: dict, engine: Path) -> bool:
     )
 
 
-def read_sidecar(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, backend: str = "auto",
                  settings: BuildSettings = BuildSettings(), force: bool = False) -> BuildResult:
     """Compile ``onnx_path`` to ``engine_path`` and write its sidecar; skip an identical earlier build."""
-    from rvdeploy.verify import load_onnx
-
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     meta = read_metadata(load_onnx(onnx_path))  # "no such file" / "not an ONNX model" in one line
-    chosen = load_backend(backend)
+    chosen = load_library(backend)
     # Everything that decides the engine's bytes: equal requests give equal engines.
     request = {
         "onnx_sha256": sha256_file(onnx_path),
@@ -266,7 +189,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, b
         "format": SIDECAR_FORMAT,
         "request": request,
         "onnx": str(onnx_path),
-        "precision": _describe_precision(meta),
+        "precision": precision_label(meta, with_target=False),
         "backend": chosen.name,
         "library_version": chosen.version,
         "profiles": profiles,
@@ -279,6 +202,5 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, b
         "model_metadata": meta,
         "rvdeploy_version": __version__,
     }
-    with atomic_output(side) as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    write_sidecar(engine_path, sidecar)
     return BuildResult(engine_path, sidecar, skipped=False)

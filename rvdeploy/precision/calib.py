@@ -25,8 +25,8 @@ from rich.progress import Progress
 
 from rvdeploy.data import ImageSet, batches, pad_batch
 from rvdeploy.errors import RvdeployError
-from rvdeploy.export import fixed_batch
 from rvdeploy.files import atomic_output
+from rvdeploy.onnx_io import fixed_batch, ort_session
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
 
@@ -52,6 +52,17 @@ def quiet_onnxruntime_tools() -> Iterator[None]:
             yield
     finally:
         logging.disable(previous)
+
+
+def method_enum(method: str):
+    """onnxruntime's enum for a calibration method name."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise CalibrationError(f"unknown calibration method {method!r}; choose {', '.join(METHODS)}")
+    return methods[method]
 
 
 def model_feeds(model: onnx.ModelProto, images: ImageSet, recipe: Preprocess, batch_size: int,
@@ -115,17 +126,13 @@ def _read_cache(path: Path) -> dict:
 def measure_ranges(model_path: str | os.PathLike, images: ImageSet, recipe: Preprocess, method: str,
                    batch_size: int = 16, show_progress: bool = True) -> dict:
     """Run onnxruntime's calibrator for ``method`` over ``images``; the ranges in its JSON form."""
-    from onnxruntime.quantization import CalibrationMethod, create_calibrator, save_tensors_data
+    from onnxruntime.quantization import create_calibrator, save_tensors_data
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    if method not in methods:
-        raise CalibrationError(f"unknown calibration method {method!r}; choose {', '.join(METHODS)}")
     model = onnx.load(str(model_path), load_external_data=False)
     with tempfile.TemporaryDirectory(prefix="rvdeploy-calib-") as tmp, quiet_onnxruntime_tools():
         calibrator = create_calibrator(
             Path(model_path), list(CALIBRATED_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=methods[method],
+            calibrate_method=method_enum(method),
             # onnxruntime's entropy default (128 bins for 128 quantized bins) leaves it no threshold to
             # choose but the maximum; TensorRT's entropy calibrator uses 2048 bins.
             extra_options={"num_bins": HISTOGRAM_BINS} if method == "entropy" else {},
@@ -156,8 +163,6 @@ def calibrate(model_path: str | os.PathLike, model_sha256: str, images: ImageSet
 
 def activation_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """The largest |value| every float tensor of ``model`` takes on ``feeds`` (run with onnxruntime)."""
-    import onnxruntime as ort
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
@@ -166,7 +171,7 @@ def activation_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]])
             if name not in known:
                 probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
                 known.add(name)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort_session(probe.SerializeToString(), name="the graph with every tensor as an output")
     names = [o.name for o in session.get_outputs()]
     peaks: dict[str, float] = {}
     for feed in feeds:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import onnx
 
-from rvdeploy.precision.calib import CALIBRATED_OPS, QUANTIZED_OPS, Calibration, quiet_onnxruntime_tools
+from rvdeploy.errors import QuantizeError
+from rvdeploy.precision.calib import CALIBRATED_OPS, QUANTIZED_OPS, Calibration, method_enum, quiet_onnxruntime_tools
 
 TARGETS = ("tensorrt", "onnxruntime")
 
@@ -45,7 +46,7 @@ def target_options(target: str) -> TargetOptions:
         })
     if target == "onnxruntime":
         return TargetOptions("QUInt8", "QInt8", CALIBRATED_OPS, {"ActivationSymmetric": False, "WeightSymmetric": True})
-    raise ValueError(f"unknown INT8 target {target!r}; choose {', '.join(TARGETS)}")
+    raise QuantizeError(f"unknown INT8 target {target!r}; choose {', '.join(TARGETS)}")
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
@@ -73,7 +74,7 @@ def quantize_int8(
             str(out),
             calibration_data_reader=None,
             calibration_cache_path=str(ranges),  # ranges measured (or cached) by rvdeploy.precision.calib
-            calibrate_method=_method_enum(calibration.method),
+            calibrate_method=method_enum(calibration.method),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(options.op_types),
             per_channel=True,
@@ -85,10 +86,3 @@ def quantize_int8(
             extra_options=options.extra_options,
         )
         return onnx.load(str(out))
-
-
-def _method_enum(method: str):
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[method]

@@ -16,10 +16,12 @@ import numpy as np
 import onnx
 
 from rvdeploy.data import ImageSet
+from rvdeploy.eval import predictions
 from rvdeploy.precision.calib import Calibration
 from rvdeploy.precision.int8 import quantizable_nodes, quantize_int8
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
+from rvdeploy.runners import OrtRunner
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,6 @@ class _Scorer:
         self.labels: np.ndarray | None = None
 
     def logits(self, model: onnx.ModelProto | Path) -> np.ndarray:
-        from rvdeploy.eval import predictions
-        from rvdeploy.runners import OrtRunner
-
         path = model if isinstance(model, Path) else self.tmp / "candidate.onnx"
         if not isinstance(model, Path):
             path.write_bytes(model.SerializeToString())

@@ -1,0 +1,139 @@
+"""``fuse``, ``info``, ``export`` and ``verify``: the checkpoint and plain-graph stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from rvdeploy import pipeline
+from rvdeploy.cli.options import SIZE, BatchType, bn_eps_option
+from rvdeploy.cli.render import console, key_value_table, millions, print_json, verdict
+from rvdeploy.errors import VERIFY_FAILED_EXIT
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Fused checkpoint to write (.pth, or .safetensors).")
+@click.option("--arch", help="Architecture name (e.g. RepVGG-A0); checked against the tensors. Default: inferred.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Expected class count; checked against the classifier.")
+@click.option("--key", help="Entry of a wrapped checkpoint that holds the weights (default: state_dict, model, ema...).")
+@bn_eps_option
+@click.option("--probe-size", type=click.IntRange(min=8), default=64, show_default=True,
+              help="Height and width of the self-check's probe images.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def fuse(checkpoint: Path, output: Path, arch, num_classes, key, bn_eps, probe_size, as_json) -> None:
+    """Fold a multi-branch CHECKPOINT into plain 3x3 convs, prove the fold block by block, write OUTPUT."""
+    load = pipeline.LoadOptions(arch, num_classes, key, bn_eps)
+    result = pipeline.fuse_checkpoint(checkpoint, output, load, probe_size)
+    spec, report = result.train.spec, result.report
+    if as_json:
+        print_json({
+            "input": str(checkpoint),
+            "output": str(output),
+            "layout": result.train.source.layout,
+            "wrapper": result.train.source.wrapper,
+            "arch": spec.name,
+            "num_classes": spec.num_classes,
+            "bn_eps": bn_eps,
+            "params_train": spec.param_count(deploy=False),
+            "params_deploy": spec.param_count(deploy=True),
+            "fold": report.to_dict(),
+            "seconds": result.seconds,
+        })
+        return
+    source = result.train.source
+    console.print(key_value_table(f"rvdeploy fuse: {checkpoint.name} → {output.name}", [
+        ("layout", source.layout + (f" (under '{source.wrapper}')" if source.wrapper else "")),
+        ("architecture", f"{spec.name}, {spec.num_classes} classes, {len(spec.blocks)} conv layers, BN eps {bn_eps:g}"),
+        ("parameters", f"{millions(spec.param_count(False))} → {millions(spec.param_count(True))}"),
+        ("probe", "x".join(map(str, report.probe_shape))),
+        ("blocks proven", f"{len(report.blocks)}, float64, each on its own input; worst {report.worst_block}: "
+                          f"error {report.worst_block_ratio:.2g} of its budget"),
+        ("end to end", f"max abs {report.max_abs_error:.3g}, max rel {report.max_rel_error:.3g} "
+                       f"(the multi-branch net's own float32 noise: {report.float32_noise_rel:.3g})"),
+        ("self-check", verdict(report.passed)),
+        ("time", f"{result.seconds:.2f} s"),
+    ]))
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--input-size", type=SIZE, help="Input size for MACs: S or HxW (default: the model's, else 224).")
+@click.option("--key", help="Entry of a wrapped checkpoint that holds the weights.")
+@bn_eps_option
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def info(checkpoint: Path, input_size, key, bn_eps, as_json) -> None:
+    """Describe a CHECKPOINT: layout, architecture, parameters, MACs and each block's branches."""
+    data = pipeline.describe_checkpoint(checkpoint, input_size, pipeline.LoadOptions(key=key, bn_eps=bn_eps))
+    if as_json:
+        print_json(data)
+        return
+    spec = data["arch_spec"]
+    h, w = data["input_size"]
+    console.print(key_value_table(f"{checkpoint.name}: {data['arch']} ({data['form']} form, {data['layout']} layout)", [
+        ("classes", str(data["num_classes"])),
+        ("stages", f"depths {spec['depths']}, widths {spec['widths']}, stem {spec['stem_width']}"),
+        ("parameters", f"train {millions(data['params']['train'])}, deploy {millions(data['params']['deploy'])}"),
+        (f"GMACs @ {h}x{w}", f"train {data['macs']['train'] / 1e9:.3f}, deploy {data['macs']['deploy'] / 1e9:.3f}"),
+    ]))
+    blocks = Table("block", "channels", "stride", "groups",
+                   "branches (train form)" if data["form"] == "train" else "branches (before fusing)")
+    for b in data["blocks"]:
+        blocks.add_row(b["name"], b["channels"], b["stride"], b["groups"], b["branches"])
+    console.print(blocks)
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
+@click.option("--input-size", type=SIZE, help="S, HxW or 'H W' (default: the model's recipe, else 224).")
+@click.option("--batch", type=BatchType(), default="dynamic", show_default=True, help="'dynamic' or a fixed batch size.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13-20).")
+@click.option("--no-fuse", is_flag=True, help="Export the multi-branch training graph (to measure the fold's speed-up).")
+@click.option("--arch", help="Architecture name, checked against the tensors (training checkpoints).")
+@click.option("--key", help="Entry of a wrapped checkpoint that holds the weights.")
+@bn_eps_option
+def export(checkpoint: Path, onnx_path: Path, input_size, batch, opset, no_fuse, arch, key, bn_eps) -> None:
+    """Export CHECKPOINT (training form, fused on the way, or already fused) to a plain ONNX graph."""
+    options = pipeline.ExportOptions(input_size=input_size, batch=batch, opset=opset)  # checked before any loading
+    result = pipeline.export_model(checkpoint, onnx_path, options, pipeline.LoadOptions(arch=arch, key=key, bn_eps=bn_eps),
+                                   fold=not no_fuse)
+    if result.fold is not None:
+        console.print(f"fused {result.weights.spec.name}: {len(result.fold.blocks)} blocks proven, end-to-end max rel "
+                      f"error {result.fold.max_rel_error:.3g} (self-check passed)")
+    console.print(
+        f"wrote {onnx_path} ({result.weights.form} {result.weights.spec.name}, opset {opset}, batch {batch or 'dynamic'}, "
+        f"{onnx_path.stat().st_size / 1e6:.1f} MB) in {result.seconds:.2f} s"
+    )
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Also run ONNX Runtime against this checkpoint's torch model (multi-branch when training form).")
+@bn_eps_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(model: Path, checkpoint, bn_eps, as_json) -> None:
+    """Check that MODEL is a plain RepVGG graph (exit 4 when it is not)."""
+    report = pipeline.verify_model(model, checkpoint, pipeline.LoadOptions(bn_eps=bn_eps))
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        rows = [
+            ("architecture", report.arch or "unknown (no rvdeploy metadata)"),
+            ("conv layers on the chain", f"{report.conv_layers}" + (f" of {report.expected_layers}" if report.expected_layers else "")),
+            ("violations", str(len(report.violations)) if report.violations else "[green]none[/green]"),
+        ]
+        if report.parity:
+            p = report.parity
+            rows.append(("ONNX Runtime vs. torch", f"max abs {p.max_abs_error:.3g}, max rel {p.max_rel_error:.3g} "
+                         f"(≤ {p.tolerance_rel:g}, batches {list(p.batches)}, vs. {p.reference}) {verdict(p.passed)}"))
+        rows.append(("result", "[green]OK[/green]" if report.ok else "[red]FAILED[/red]"))
+        console.print(key_value_table(f"rvdeploy verify: {model.name}", rows))
+        for violation in report.violations:
+            console.print(f"  [red]✗[/red] {violation}", highlight=False)
+    if not report.ok:
+        raise click.exceptions.Exit(VERIFY_FAILED_EXIT)

@@ -1,0 +1,174 @@
+"""``quantize``, ``build-engine`` and ``eval``: the precision, engine and accuracy stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from rvdeploy import pipeline
+from rvdeploy.cli.options import backend_choice, bn_eps_option, recipe_from, recipe_options, to_backend
+from rvdeploy.cli.render import console, print_json
+from rvdeploy.errors import RvdeployError
+from rvdeploy.precision.quantize import DEFAULT_METHOD
+
+
+def precision_options(command):
+    """What the precision step reads: calibration images, the INT8 method and cache, the accuracy
+    guard, FP16 I/O, and the preprocessing recipe. Shared by ``quantize`` and ``build-engine``."""
+    options = [
+        click.option("--io-fp16", is_flag=True, help="With --fp16: FP16 model input and output too (default FP32)."),
+        click.option("--calib", "calib_dir", type=click.Path(path_type=Path), help="Folder of calibration images (JPEG/PNG, recursive)."),
+        click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default=DEFAULT_METHOD, show_default=True,
+                     help="With --int8: calibration method (minmax was the best measured on the shipped model)."),
+        click.option("--num-images", type=click.IntRange(min=1), help="Use the first N calibration images."),
+        click.option("--calib-cache", type=click.Path(path_type=Path), help="With --int8: JSON cache of calibration ranges."),
+        click.option("--val", "val_dir", type=click.Path(path_type=Path), help="With --int8: validation folder (one sub-folder per class) for the accuracy guard."),
+        click.option("--max-top1-drop", type=click.FloatRange(min=0), help="With --int8: the accuracy guard's allowed top-1 drop in points."),
+    ]
+    for decorator in reversed(options):
+        command = decorator(command)
+    return recipe_options(command)
+
+
+def precision_from(precision: str | None, target: str, kwargs: dict, show_progress: bool):
+    """The FP16 or INT8 options from the shared precision options (popped from ``kwargs``)."""
+    recipe, allow_upscale = recipe_from(kwargs)
+    images = dict(calib_dir=kwargs.pop("calib_dir"), num_images=kwargs.pop("num_images"), recipe=recipe,
+                  allow_upscale=allow_upscale)
+    io_fp16, method, cache, val_dir, max_drop = (kwargs.pop(k) for k in ("io_fp16", "method", "calib_cache", "val_dir", "max_top1_drop"))
+    if precision == "fp16":
+        return pipeline.Fp16Options(io_fp16=io_fp16, **images)
+    if precision == "int8":
+        return pipeline.Int8Options(target=target, method=method, cache_path=cache, val_dir=val_dir, max_top1_drop=max_drop,
+                                    show_progress=show_progress, **images)
+    return None
+
+
+def _summary(report) -> str:
+    if isinstance(report, pipeline.Int8Report):
+        calibrated = "from the cache" if report.from_cache else f"in {report.calibration_seconds:.1f} s"
+        summary = (f"INT8 ({report.target} layout, {report.method}): {report.quantized_nodes} layers quantized, "
+                   f"calibrated on {report.calibration_images} images {calibrated}"
+                   + (f", {report.skipped_images} unreadable images skipped" if report.skipped_images else ""))
+        if report.guard:
+            g = report.guard
+            fallback = f"{len(g.fallback)} layers kept in FP32: {', '.join(g.fallback)}" if g.fallback else "no layer needed FP32"
+            summary += (f"\naccuracy guard (≤ {g.max_top1_drop} points): FP32 top-1 {g.fp32_top1:.2f}%, all-INT8 "
+                        f"{g.int8_top1:.2f}%, final {g.final_top1:.2f}%; {fallback}"
+                        + ("" if g.met else "; the limit was not met"))
+        return summary
+    kept = ", ".join(k.node for k in report.kept_fp32) or "none"
+    return (f"FP16: {report.nodes_fp16} nodes in FP16; kept in FP32: {kept}; "
+            f"{report.weights_flushed_to_zero} weights too small for FP16 (flushed to 0); "
+            f"ranges checked on {report.observed_inputs} {report.observed_on}")
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Graph to write.")
+@click.option("--fp16", "precision", flag_value="fp16", help="FP16 weights and compute.")
+@click.option("--int8", "precision", flag_value="int8", help="Explicit Q/DQ INT8 (needs --calib).")
+@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,
+              help="Q/DQ layout: TensorRT's, or the one ONNX Runtime on x86 CPUs runs fastest.")
+@precision_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def quantize(model, output, precision, target, as_json, **kwargs) -> None:
+    """Write an FP16 or INT8 (Q/DQ) graph of the FP32 ONNX MODEL."""
+    if precision is None:
+        raise RvdeployError("choose --fp16 or --int8")
+    report = pipeline.quantize_model(model, output, precision_from(precision, target, kwargs, not as_json))
+    if as_json:
+        print_json({"precision": precision, "output": str(output), **report.to_dict()})
+        return
+    console.print(_summary(report), highlight=False)
+    console.print(f"wrote {output}")
+
+
+@click.command(name="build-engine")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Engine file to write.")
+@click.option("--fp16", "precision", flag_value="fp16", help="Build from the FP16 graph (made first, kept next to the engine).")
+@click.option("--int8", "precision", flag_value="int8", help="Build from the INT8 Q/DQ graph (needs --calib).")
+@click.option("--backend", type=backend_choice(("auto", "tensorrt", "tensorrt-rtx")), default="auto", show_default=True,
+              callback=to_backend, help="auto prefers TensorRT when it imports (aliases: trt, rtx).")
+@click.option("--min-batch", type=int, help="Smallest batch of the profile (default 1).")
+@click.option("--opt-batch", type=int, help="Batch the builder optimises for (default 8).")
+@click.option("--max-batch", type=int, help="Largest batch of the profile (default 32).")
+@click.option("--workspace", type=float, help="Builder workspace limit in MB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="Timing cache file (read and updated; TensorRT only).")
+@click.option("--opt-level", type=int, help="Builder optimisation level 0-5.")
+@click.option("--tf32", is_flag=True, help="Allow TF32 for FP32 layers (off: FP32 engines match ONNX Runtime).")
+@click.option("--force", is_flag=True, help="Rebuild even when the sidecar shows an identical build.")
+@precision_options
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar as JSON.")
+def build_engine(model, output, precision, backend, min_batch, opt_batch, max_batch, workspace, timing_cache,
+                 opt_level, tf32, force, as_json, **kwargs) -> None:
+    """Build a TensorRT engine of MODEL (FP32, or FP16 / INT8 after the precision step)."""
+    if workspace is not None and workspace <= 0:
+        raise RvdeployError(f"--workspace must be a positive number of MB, got {workspace:g}")
+    settings = pipeline.BuildSettings(min_batch, opt_batch, max_batch, None if workspace is None else max(1, round(workspace)),
+                                      opt_level, tf32, str(timing_cache) if timing_cache else None)
+    options = pipeline.BuildOptions(backend or "auto", settings, force,
+                                    precision_from(precision, "tensorrt", kwargs, not as_json))
+    outcome = pipeline.build(model, output, options)
+    side = outcome.build.sidecar
+    if as_json:
+        print_json({"skipped": outcome.build.skipped, **side})
+        return
+    if outcome.build.skipped:
+        console.print(f"{output} is up to date (identical build recorded in {output.name}.json); --force rebuilds it")
+        return
+    if outcome.precision_report is not None:
+        console.print(_summary(outcome.precision_report), highlight=False)
+    where = f"on {side['gpu']['name']}" if side["gpu"] else "ahead of time, without a GPU"
+    profile = side["profiles"][0]
+    console.print(
+        f"built {output} ({side['precision']}, {side['backend']} {side['library_version']}, batch "
+        f"{profile['min'][0]}..{profile['max'][0]} opt {profile['opt'][0]}, {side['engine_bytes'] / 1e6:.1f} MB) "
+        f"{where} in {side['build_seconds']:.2f} s" + (f"; typed graph {outcome.typed_graph}" if outcome.typed_graph else ""),
+        highlight=False,
+    )
+
+
+@click.command(name="eval")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="Image folder with one sub-folder per class.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--compare", is_flag=True,
+              help="Also compare each model's logits with the first's: top-1 agreement, SQNR, max relative error.")
+@recipe_options
+@bn_eps_option
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def eval_command(models, data_dir, device, batch, compare, bn_eps, as_json, **kwargs) -> None:
+    """Top-1 (and top-5) of one or more MODELS (checkpoint, .onnx or .engine) on DATA.
+
+    Several models are listed side by side with the top-1 change against the first; with
+    --compare, each model's logits are also compared with the first's, image by image.
+    """
+    recipe, allow_upscale = recipe_from(kwargs)
+    options = pipeline.EvalOptions(device, batch, recipe, allow_upscale, compare, bn_eps, show_progress=not as_json)
+    result = pipeline.evaluate_models(list(models), data_dir, options)
+    if as_json:
+        print_json(result.to_dict(str(data_dir)))
+        return
+    accuracies = [e.accuracy for e in result.evaluations]
+    has_top5 = any(a.top5 is not None for a in accuracies)
+    table = Table(title=f"accuracy on {data_dir} ({accuracies[0].images} images)")
+    headings = ["model", "backend", "precision", "top-1 %", "Δ top-1"] + (["top-5 %"] if has_top5 else [])
+    headings += ["agrees with first %", "SQNR dB", "max rel error"] if compare else []
+    for heading in headings:
+        table.add_column(heading, justify="left" if heading in ("model", "backend", "precision") else "right", overflow="fold")
+    for a, agreement in zip(accuracies, result.agreements or [None] * len(accuracies)):
+        row = [a.model, a.backend, a.precision, f"{a.top1:.2f}", f"{a.top1 - accuracies[0].top1:+.2f}"]
+        row += [f"{a.top5:.2f}" if a.top5 is not None else "-"] if has_top5 else []
+        if compare:
+            row += ([f"{agreement.top1_agreement * 100:.2f}", f"{agreement.sqnr_db:.1f}", f"{agreement.max_rel_error:.3g}"]
+                    if agreement else ["(reference)", "", ""])
+        table.add_row(*row)
+    console.print(table)
+    if any(a.skipped for a in accuracies):
+        console.print(f"{accuracies[0].skipped} unreadable images skipped")

@@ -1,0 +1,128 @@
+"""ONNX files in and out: loading with validation and one-line errors, atomic deterministic saves,
+the IR version, rvdeploy's metadata, and ONNX Runtime sessions.
+
+Every stage that reads a graph reads it here, so a truncated file, a file that is not ONNX or a
+well-formed file whose graph is invalid (a node reading a tensor nothing produces) is refused at
+the door with a message naming the file, instead of failing deep inside a later library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from rvdeploy.errors import OnnxError, first_line
+from rvdeploy.files import atomic_output
+
+METADATA_PREFIX = "rvdeploy."
+_PROTO_LIMIT = 2**31 - 1  # protobuf's limit: larger models keep their weights as external data
+
+
+def load_onnx(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
+    """The graph at ``path``, checked by ``onnx.checker``; :class:`OnnxError` when it is not a valid one."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=load_weights)
+    except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError) as exc:
+        raise OnnxError(f"{path} is not an ONNX model ({first_line(exc)})") from None
+    if not model.graph.node:
+        raise OnnxError(f"{path} is not an ONNX model (no graph nodes)")
+    if not model.graph.input or not model.graph.output:
+        raise OnnxError(f"{path} is not a usable ONNX model (its graph has no inputs or no outputs)")
+    try:
+        # The checker reads a large model from its path (it cannot hold it in one protobuf).
+        onnx.checker.check_model(str(path) if model.ByteSize() > _PROTO_LIMIT else model)
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
+        raise OnnxError(f"{path} is not a valid ONNX graph: {first_line(exc)}") from None
+    return model
+
+
+def with_min_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Set the lowest IR version that carries the model's opsets: every runtime that knows them reads it."""
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, full_check: bool = False) -> Path:
+    """Check ``model`` and write it atomically, byte-deterministically; an existing file is replaced
+    only by a complete graph."""
+    onnx.checker.check_model(model, full_check=full_check)
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(model.SerializeToString(deterministic=True))
+    return path
+
+
+# -- metadata --------------------------------------------------------------------------------
+def decode_metadata(props: dict[str, str]) -> dict:
+    """The rvdeploy entries of a graph's metadata (key → value strings), JSON values decoded."""
+    data = {}
+    for key, value in props.items():
+        if key.startswith(METADATA_PREFIX):
+            try:
+                data[key[len(METADATA_PREFIX):]] = json.loads(value)
+            except json.JSONDecodeError:
+                data[key[len(METADATA_PREFIX):]] = value
+    return data
+
+
+def read_metadata(model: onnx.ModelProto) -> dict:
+    """The rvdeploy metadata of a graph, JSON values decoded; empty when it has none."""
+    return decode_metadata({p.key: p.value for p in model.metadata_props})
+
+
+def write_metadata(model: onnx.ModelProto, updates: dict) -> None:
+    """Set (or replace) rvdeploy metadata entries of ``model``, keeping every other entry."""
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({METADATA_PREFIX + k: json.dumps(v, sort_keys=True) for k, v in updates.items()})
+    onnx.helper.set_model_props(model, props)
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The graph's batch size when it is fixed, None when the batch dimension is dynamic."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+
+
+# -- ONNX Runtime ----------------------------------------------------------------------------
+def ort_session(model: str | os.PathLike | bytes, device: str = "cpu", threads: int | None = None,
+                spinning: bool = True, name: str | None = None):
+    """An ONNX Runtime session on ``device``; :class:`OnnxError` naming the graph when ORT refuses it.
+
+    ``spinning=False`` stops idle worker threads from spinning: two sessions timed in turn would
+    otherwise steal the cores from each other.
+    """
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise OnnxError("--device cuda: this onnxruntime has no CUDA provider (install the gpu extra)")
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    in_memory = isinstance(model, bytes)
+    try:
+        return ort.InferenceSession(model if in_memory else str(model), options, providers=providers)
+    except Exception as exc:  # onnxruntime's own exception types: a graph it cannot load
+        what = name or ("the in-memory graph" if in_memory else model)
+        raise OnnxError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from None
+
+
+def precision_label(meta: dict, with_target: bool = True) -> str:
+    """``fp32``, ``fp16``, ``int8/tensorrt``..., with the count of nodes left in FP32 by a mixed graph."""
+    label = meta.get("precision", "fp32")
+    if with_target and "int8_target" in meta:
+        label += f"/{meta['int8_target']}"
+    if meta.get("fp32_nodes") and label != "fp32":
+        label += f" ({len(meta['fp32_nodes'])} nodes fp32)"
+    return label
