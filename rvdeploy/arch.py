@@ -92,6 +92,8 @@ class ArchSpec:
             raise ArchError(
                 f"{where}: {len(self.block_groups)} group entries for {sum(self.depths)} body blocks"
             )
+        if any(g < 1 for g in self.block_groups):
+            raise ArchError(f"{where}: group counts must be positive, got {list(self.block_groups)}")
         if self.se and min(self.stem_width, *self.widths) < SE_REDUCTION:
             raise ArchError(f"{where}: squeeze-excitation needs every width >= {SE_REDUCTION}")
 
@@ -129,9 +131,6 @@ class ArchSpec:
     @property
     def is_zoo(self) -> bool:
         return self.name in ZOO_NAMES
-
-    def with_num_classes(self, num_classes: int) -> ArchSpec:
-        return replace(self, num_classes=num_classes)
 
     def with_name(self, name: str) -> ArchSpec:
         return replace(self, name=name)

@@ -20,7 +20,7 @@ import torch
 
 from rvdeploy import __version__
 from rvdeploy.arch import ArchSpec, identify, zoo_spec
-from rvdeploy.errors import CheckpointError, first_line
+from rvdeploy.errors import ArchError, CheckpointError, RvdeployError, first_line
 from rvdeploy.files import atomic_output, sha256_file
 from rvdeploy.layouts import Layout, detect_layout
 from rvdeploy.model import DEFAULT_BN_EPS, expected_shapes
@@ -76,6 +76,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             extras["meta"] = json.loads(header[_SAFETENSORS_META_KEY])
         except json.JSONDecodeError:
             raise CheckpointError(f"{path}: the rvdeploy metadata in its header is not JSON") from None
+        if not isinstance(extras["meta"], dict):  # later stages read it as a mapping
+            raise CheckpointError(f"{path}: the rvdeploy metadata in its header is not a JSON object")
     return tensors, extras
 
 
@@ -236,6 +238,10 @@ def _resolve_spec(tensors: Mapping[str, torch.Tensor], deploy: bool, arch: str |
 def _canonical(raw: RawCheckpoint) -> tuple[dict[str, torch.Tensor], dict[str, str], Layout]:
     tensors = {k: v for k, v in raw.tensors.items() if not k.endswith("num_batches_tracked")}
     layout = detect_layout(list(tensors))
+    # Right names and shapes are not enough: an integer, bool or complex tensor cannot be folded or run.
+    not_float = [f"{k} ({str(t.dtype).removeprefix('torch.')})" for k, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{raw.path}: {len(not_float)} tensors are not floating point: {_listing(not_float)}")
     renamed: dict[str, torch.Tensor] = {}
     original: dict[str, str] = {}
     for key, tensor in tensors.items():
@@ -245,9 +251,12 @@ def _canonical(raw: RawCheckpoint) -> tuple[dict[str, torch.Tensor], dict[str, s
     return renamed, original, layout
 
 
-def _preprocess_from(extras: dict) -> Preprocess | None:
-    recipe = extras.get("preprocess") or extras.get("meta", {}).get("preprocess")
-    return Preprocess.from_dict(recipe) if recipe else None
+def _preprocess_from(raw: RawCheckpoint) -> Preprocess | None:
+    recipe = raw.extras.get("preprocess") or raw.extras.get("meta", {}).get("preprocess")
+    try:
+        return Preprocess.from_dict(recipe) if recipe else None
+    except RvdeployError as exc:
+        raise CheckpointError(f"{raw.path}: {exc}") from None
 
 
 def _train_weights(raw: RawCheckpoint, arch: str | None, num_classes: int | None, bn_eps: float) -> TrainWeights:
@@ -260,7 +269,7 @@ def _train_weights(raw: RawCheckpoint, arch: str | None, num_classes: int | None
         spec=spec,
         tensors=tensors,
         source=Source(str(raw.path), raw.sha256, layout.name, raw.wrapper),
-        preprocess=_preprocess_from(raw.extras),
+        preprocess=_preprocess_from(raw),
         bn_eps=bn_eps,
     )
 
@@ -270,10 +279,13 @@ def _deploy_weights(raw: RawCheckpoint) -> DeployWeights:
     if layout.name != "official-deploy":
         raise CheckpointError(f"{raw.path} is a training-form ({layout.name}) checkpoint, not a fused one")
     meta = dict(raw.extras.get("meta", {}))
-    spec = ArchSpec.from_dict(meta["arch_spec"]) if "arch_spec" in meta else infer_spec(tensors, True)
+    try:
+        spec = ArchSpec.from_dict(meta["arch_spec"]) if "arch_spec" in meta else infer_spec(tensors, True)
+    except ArchError as exc:
+        raise CheckpointError(f"{raw.path}: {exc}") from None
     validate(tensors, spec, True, original)
     source = Source(str(raw.path), raw.sha256, "rvdeploy" if "fold_error" in meta else "official-deploy", raw.wrapper)
-    return DeployWeights(spec=spec, tensors=tensors, meta=meta, preprocess=_preprocess_from(raw.extras), source=source)
+    return DeployWeights(spec=spec, tensors=tensors, meta=meta, preprocess=_preprocess_from(raw), source=source)
 
 
 def load_train_weights(

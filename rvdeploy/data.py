@@ -112,19 +112,24 @@ def pad_batch(pixels: np.ndarray, size: int) -> np.ndarray:
 def batches(images: ImageSet, recipe: Preprocess, batch_size: int) -> Iterator[tuple[np.ndarray, list[int]]]:
     """(N, C, H, W) float32 batches and the indices of the images in them.
 
-    An image that passed the header check but fails to decode is skipped and added to ``images.skipped``.
+    An image that passed the header check but fails to decode is skipped and added to ``images.skipped``;
+    :class:`DataError` when none decodes (there would be nothing to calibrate or evaluate on).
     """
-    pixels, indices = [], []
+    pixels, indices, decoded, failed = [], [], 0, []
     for i, path in enumerate(images.paths):
         try:
             with Image.open(path) as image:
                 pixels.append(recipe.apply(image))
         except _BAD_IMAGE as exc:
-            images.skipped.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            failed.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            images.skipped.append(failed[-1])
             continue
         indices.append(i)
+        decoded += 1
         if len(pixels) == batch_size:
             yield np.stack(pixels), indices
             pixels, indices = [], []
     if pixels:
         yield np.stack(pixels), indices
+    if not decoded and failed:
+        raise DataError(f"none of the {len(images.paths)} images could be decoded (first: {failed[0][0]}: {failed[0][1]})")

@@ -47,12 +47,6 @@ class OnnxError(RvdeployError):
     """A file that is not a valid ONNX graph, or one that a runtime cannot load."""
 
 
-class VerificationFailed(RvdeployError):
-    """A graph that loads but is not what it must be (``verify`` found violations)."""
-
-    exit_code = VERIFY_FAILED_EXIT
-
-
 class RegressionError(RvdeployError):
     """A latency slower than the baseline allows."""
 

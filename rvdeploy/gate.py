@@ -63,6 +63,10 @@ def validate_report(data: object, where: str) -> dict:
         missing = [k for k in (*MATCH_KEYS, "latency_ms", "throughput_ips") if not isinstance(row, dict) or k not in row]
         if missing or not isinstance(row.get("latency_ms"), dict) or "p50" not in row["latency_ms"]:
             raise BaselineError(f"{where}: result {i} lacks {', '.join(missing) or 'latency_ms.p50'}")
+        # rows are matched by these values: they must be what a bench writes (and hashable)
+        mistyped = [k for k in MATCH_KEYS if not isinstance(row[k], int if k == "batch" else str) or isinstance(row[k], bool)]
+        if mistyped:
+            raise BaselineError(f"{where}: result {i} has a {mistyped[0]} that is not a {'number' if mistyped[0] == 'batch' else 'string'}")
         reference = row.get("reference_p50_ms")
         if not _positive(row["latency_ms"]["p50"]) or not (reference is None or _positive(reference)):
             raise BaselineError(f"{where}: result {i} has a p50 or reference timing that is not a positive number")

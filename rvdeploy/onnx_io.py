@@ -19,6 +19,8 @@ from rvdeploy.errors import OnnxError, first_line
 from rvdeploy.files import atomic_output
 
 METADATA_PREFIX = "rvdeploy."
+# ONNX Runtime's FATAL log level: it logs errors on stderr on its own, besides raising them.
+ORT_QUIET = 4
 _PROTO_LIMIT = 2**31 - 1  # protobuf's limit: larger models keep their weights as external data
 
 
@@ -35,12 +37,40 @@ def load_onnx(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelP
         raise OnnxError(f"{path} is not an ONNX model (no graph nodes)")
     if not model.graph.input or not model.graph.output:
         raise OnnxError(f"{path} is not a usable ONNX model (its graph has no inputs or no outputs)")
+    not_text = _first_non_text(model)
+    if not_text:
+        raise OnnxError(f"{path} is not a valid ONNX graph: {not_text} is not UTF-8 text")
     try:
         # The checker reads a large model from its path (it cannot hold it in one protobuf).
         onnx.checker.check_model(str(path) if model.ByteSize() > _PROTO_LIMIT else model)
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         raise OnnxError(f"{path} is not a valid ONNX graph: {first_line(exc)}") from None
+    check_metadata(read_metadata(model), path)
     return model
+
+
+def _first_non_text(message) -> str | None:
+    """The first string field (recursively) that is not UTF-8 text, or None.
+
+    ONNX strings are UTF-8, but protobuf does not check that for ONNX's proto2 fields: it hands
+    such a field over as bytes, and the checker passes it. Every later name or metadata lookup
+    would then fail on it.
+    """
+    if isinstance(message, onnx.TensorProto):  # its data fields are bytes by design (and large); only the name is text
+        return f"tensor name {message.name!r}" if isinstance(message.name, bytes) else None
+    for field, value in message.ListFields():
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        values = value if repeated else (value,)
+        if field.type == field.TYPE_MESSAGE:
+            for item in values:
+                found = _first_non_text(item)
+                if found:
+                    return found
+        elif field.type == field.TYPE_STRING:
+            for item in values:
+                if isinstance(item, bytes):
+                    return f"{message.DESCRIPTOR.name}.{field.name} {item[:40]!r}"
+    return None
 
 
 def with_min_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -70,6 +100,22 @@ def decode_metadata(props: dict[str, str]) -> dict:
             except json.JSONDecodeError:
                 data[key[len(METADATA_PREFIX):]] = value
     return data
+
+
+# The rvdeploy metadata entries later stages rely on, and the JSON type each must have.
+_METADATA_TYPES = {"arch": str, "form": str, "precision": str, "int8_target": str, "io_precision": str,
+                   "num_classes": int, "input_size": list, "fp32_nodes": list, "arch_spec": dict, "preprocess": dict}
+_JSON_TYPE_NAMES = {str: "string", int: "integer", list: "array", dict: "object"}
+
+
+def check_metadata(meta: dict, where: str | os.PathLike) -> dict:
+    """``meta`` when each entry rvdeploy relies on has its JSON type; :class:`OnnxError` naming the first that does not."""
+    for key, kind in _METADATA_TYPES.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise OnnxError(f"{where}: its metadata {METADATA_PREFIX}{key} is {json.dumps(value)[:40]}, "
+                            f"not a JSON {_JSON_TYPE_NAMES[kind]}")
+    return meta
 
 
 def read_metadata(model: onnx.ModelProto) -> dict:
@@ -106,6 +152,7 @@ def ort_session(model: str | os.PathLike | bytes, device: str = "cpu", threads: 
             raise OnnxError("--device cuda: this onnxruntime has no CUDA provider (install the gpu extra)")
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
+    options.log_severity_level = ORT_QUIET  # its errors reach the user as rvdeploy's one line (OnnxError)
     if threads:
         options.intra_op_num_threads = threads
     if not spinning:
@@ -116,6 +163,23 @@ def ort_session(model: str | os.PathLike | bytes, device: str = "cpu", threads: 
     except Exception as exc:  # onnxruntime's own exception types: a graph it cannot load
         what = name or ("the in-memory graph" if in_memory else model)
         raise OnnxError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from None
+
+
+def ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception types: what it raises on a graph it loaded but cannot run."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.InvalidGraph, state.RuntimeException, state.EPFail,
+            state.NotImplemented)
+
+
+def run_session(session, feed: dict, what: str | os.PathLike, output_names: list[str] | None = None) -> list:
+    """``session.run``; :class:`OnnxError` naming the graph when ONNX Runtime fails on it (a graph that
+    loads can still be one it cannot run, e.g. a Conv whose attributes contradict its shapes)."""
+    try:
+        return session.run(output_names, feed)
+    except ort_errors() as exc:
+        raise OnnxError(f"ONNX Runtime cannot run {what}: {first_line(exc)}") from None
 
 
 def precision_label(meta: dict, with_target: bool = True) -> str:

@@ -255,10 +255,12 @@ def bench(targets: list[str | os.PathLike], options: BenchOptions = BenchOptions
     # Read the baseline first: a malformed one should not cost a whole run.
     baseline = load_baseline(options.baseline) if options.baseline is not None else None
     report = merge_reports([bench_target(t, options.backend, options.settings, options.progress) for t in targets])
+    # Compared before anything is written: a baseline that matches nothing fails the command, outputs untouched
+    # (a regression is a result: the report is written and the CLI exits 5).
+    gate = check_regression(report, baseline, options.max_regression, options.normalize) if baseline else None
     if options.json_out:
         with atomic_output(options.json_out) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
     if options.plot:
         plot_latency(report, options.plot)
-    gate = check_regression(report, baseline, options.max_regression, options.normalize) if baseline else None
     return BenchOutcome(report, gate)

@@ -100,7 +100,7 @@ class Preprocess:
                 interpolation=str(data.get("interpolation", "bilinear")),
                 upscale=bool(data.get("upscale", False)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf)
             raise RvdeployError(f"malformed preprocessing recipe: {exc!r}") from None
 
 

@@ -14,7 +14,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rvdeploy.arch import BlockSpec
 from rvdeploy.compare import compare_outputs, relative_error
@@ -68,11 +67,13 @@ def _branch_kernels(tensors: dict[str, torch.Tensor], block: BlockSpec) -> list[
 
 def fold_block(tensors: dict[str, torch.Tensor], block: BlockSpec, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 3x3 kernel and bias equivalent to ``block``'s three branches."""
-    kernel, bias = 0, 0
-    for conv, bn in _branch_kernels(tensors, block):
+    (dense, dense_bn), *others = _branch_kernels(tensors, block)
+    kernel, bias = fold_bn(dense, _bn_tensors(tensors, dense_bn), eps, dense_bn)  # a fresh tensor: added to in place
+    for conv, bn in others:
         k, b = fold_bn(conv, _bn_tensors(tensors, bn), eps, bn)
-        pad = (3 - k.shape[-1]) // 2  # the 1x1 kernel is the centre of a 3x3 one
-        kernel, bias = kernel + F.pad(k, (pad, pad, pad, pad)), bias + b
+        start = (3 - k.shape[-1]) // 2  # the 1x1 kernel is the centre of a 3x3 one
+        kernel[:, :, start:start + k.shape[-2], start:start + k.shape[-1]] += k
+        bias = bias + b
     return kernel, bias
 
 
@@ -153,15 +154,13 @@ class FoldReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["probe_shape"] = list(self.probe_shape)
-        data["blocks"] = list(data["blocks"])
         data.update(worst_block=self.worst_block, worst_block_ratio=self.worst_block_ratio,
                     worst_block_rel_error=self.worst_block_rel_error)
         return _json_safe(data)
 
 
 def _json_safe(value):
-    """Non-finite floats (an overflowing float32 net) become None: JSON has no inf or NaN."""
+    """Tuples become lists, non-finite floats (an overflowing float32 net) None: JSON has no inf or NaN."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -175,10 +174,8 @@ def _conv_and_output(block: RepVGGBlock, x: torch.Tensor) -> tuple[torch.Tensor,
     """The block's conv output (before SE and ReLU) and its output."""
     seen = []
     handle = block.se.register_forward_hook(lambda _module, args, _out: seen.append(args[0]))
-    try:
-        out = block(x)
-    finally:
-        handle.remove()
+    out = block(x)
+    handle.remove()
     return seen[0], out
 
 
@@ -194,13 +191,14 @@ def _se_budget(se: SqueezeExcite, conv_out: torch.Tensor, budget: float) -> floa
     hidden_top = down * top + se.down.bias.abs().max().item()
     pooled = budget + SAFETY * U64 * conv_out[0, 0].numel() * top
     hidden = down * pooled + SAFETY * U64 * se.down.weight[0].numel() * hidden_top
-    logits = up * hidden + SAFETY * U64 * se.up.weight[0].numel() * (up * hidden_top + se.up.bias.abs().max().item())
+    logits_top = up * hidden_top + se.up.bias.abs().max().item()
+    logits = up * hidden + SAFETY * U64 * se.up.weight[0].numel() * logits_top
     gate = 0.25 * logits + SAFETY * U64
     return budget + (top + budget) * gate + SAFETY * U64 * top
 
 
-def _check_block(spec: BlockSpec, multi: RepVGGBlock, folded: RepVGGBlock, magnitudes: tuple[torch.Tensor, torch.Tensor],
-                 probes: list[torch.Tensor]) -> BlockCheck:
+def _check_block(spec: BlockSpec, multi: RepVGGBlock, folded: RepVGGBlock,
+                 magnitudes: tuple[torch.Tensor, torch.Tensor], probes: list[torch.Tensor]) -> BlockCheck:
     """``folded`` against ``multi`` on each probe: the conv outputs within the worst-case rounding of
     a dot product as long as the 3x3 fan-in (relative to the sum of the absolute terms), the block
     outputs within that bound carried through SE (ReLU only shrinks differences)."""
@@ -243,9 +241,12 @@ def check_fold(
     x = torch.randn(batch, spec.in_channels, probe_size, probe_size, generator=torch.Generator().manual_seed(seed))
     multi64, fused64 = weights.to_module(f64), build_model(spec, True, folded64, eps, f64)
 
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [multi64.get_submodule(b.name).register_forward_pre_hook(lambda _m, args, name=b.name: inputs.__setitem__(name, args[0]))
-             for b in spec.blocks]
+    inputs: dict[str, torch.Tensor] = {}  # each block's input in the float64 multi-branch run
+
+    def remember(block: RepVGGBlock, args: tuple[torch.Tensor]) -> None:
+        inputs[block.spec.name] = args[0]
+
+    hooks = [multi64.get_submodule(b.name).register_forward_pre_hook(remember) for b in spec.blocks]
     with torch.inference_mode():
         reference = multi64(x.double())
         for hook in hooks:
@@ -254,10 +255,11 @@ def check_fold(
         fused32 = build_model(spec, True, folded32, eps)(x)
         fused64_out = fused64(x.double())
 
-    blocks = []
-    for index, block in enumerate(spec.blocks):
-        blocks.append(_check_block(block, multi64.get_submodule(block.name), fused64.get_submodule(block.name),
-                                   _magnitudes(weights.tensors, block, eps), _block_probes(inputs[block.name], seed + 1 + index)))
+    blocks = [
+        _check_block(block, multi64.get_submodule(block.name), fused64.get_submodule(block.name),
+                     _magnitudes(weights.tensors, block, eps), _block_probes(inputs[block.name], seed + 1 + index))
+        for index, block in enumerate(spec.blocks)
+    ]
 
     end_to_end = compare_outputs(fused32, reference, reference32=multi32)
     return FoldReport(

@@ -17,7 +17,8 @@ import torch
 from rvdeploy.arch import ArchSpec, BlockSpec
 from rvdeploy.errors import RvdeployError
 from rvdeploy.compare import compare_outputs
-from rvdeploy.onnx_io import load_onnx, ort_session, read_metadata
+from rvdeploy.onnx_io import load_onnx, ort_session, read_metadata, run_session
+from rvdeploy.preprocess import parse_size
 from rvdeploy.weights import DeployWeights, TrainWeights
 
 BODY_OPS = {"Conv", "Relu"}
@@ -173,7 +174,11 @@ def check_graph(model: onnx.ModelProto, path: str = "<model>") -> VerifyReport:
     """Every structural check; violations are collected, not raised."""
     violations: list[Violation] = []
     meta = read_metadata(model)
-    spec = ArchSpec.from_dict(meta["arch_spec"]) if "arch_spec" in meta else None
+    try:  # the recipe the checks are measured against; a damaged one cannot be checked against
+        spec = ArchSpec.from_dict(meta["arch_spec"]) if "arch_spec" in meta else None
+        input_size = list(parse_size(meta["input_size"])) if "input_size" in meta else None
+    except RvdeployError as exc:
+        raise VerifyError(f"{path}: its rvdeploy metadata is malformed: {exc}") from None
     if spec is None:
         violations.append(Violation("<graph>", "-", "no rvdeploy metadata: the layer count and groups cannot be checked"))
     graph = gs.import_onnx(model)
@@ -185,7 +190,7 @@ def check_graph(model: onnx.ModelProto, path: str = "<model>") -> VerifyReport:
         violations.append(Violation("<graph>", "-", f"{len(graph.inputs)} inputs and {len(graph.outputs)} outputs, expected 1 and 1"))
     else:
         shape = graph.inputs[0].shape or []
-        expected_chw = [spec.in_channels, *meta["input_size"]] if spec and "input_size" in meta else None
+        expected_chw = [spec.in_channels, *input_size] if spec and input_size else None
         if len(shape) != 4 or (expected_chw and list(shape[1:]) != expected_chw):
             violations.append(Violation("<graph>", "-", f"input shape {shape}, expected [batch, {expected_chw or 'C, H, W'}]"))
     walker = _Walker(graph, violations)
@@ -236,7 +241,7 @@ def check_parity(
         with torch.inference_mode():
             expected32.append(model32(x).numpy())
             expected64.append(model64(x.double()).numpy())
-        got.append(session.run(None, {feed.name: x.numpy()})[0])
+        got.append(run_session(session, {feed.name: x.numpy()}, path)[0])
         if got[-1].shape != expected32[-1].shape:
             raise VerifyError(f"ONNX Runtime output shape {got[-1].shape}, torch gives {expected32[-1].shape}")
     comparison = compare_outputs(np.concatenate(got), np.concatenate(expected64), np.concatenate(expected32))

@@ -15,6 +15,12 @@ from rvdeploy.cli.precision_commands import build_engine, eval_command, quantize
 from rvdeploy.errors import INPUT_EXIT, INTERNAL_ERROR_EXIT, RvdeployError, first_line
 
 
+def _one_line(message: str) -> str:
+    """``message`` with control characters escaped: it names untrusted things (tensor keys, file names)
+    that may hold a newline or a form feed, and an error is one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 class RvdeployGroup(click.Group):
     """Turns every failure, usage errors included, into one line on stderr and a non-zero exit status."""
 
@@ -23,7 +29,7 @@ class RvdeployGroup(click.Group):
         try:
             result = super().main(*args, **kwargs)
         except click.ClickException as exc:  # usage errors: bad option values, missing arguments
-            click.echo(f"error: {exc.format_message()}", err=True)
+            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("error: aborted", err=True)
@@ -34,7 +40,7 @@ class RvdeployGroup(click.Group):
         try:
             return super().invoke(ctx)
         except RvdeployError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)

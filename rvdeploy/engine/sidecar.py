@@ -52,6 +52,12 @@ def check_engine(path: str | os.PathLike) -> tuple[dict, Library]:
         raise EngineFileError(f"{path} has no readable rvdeploy sidecar ({side.name}): rebuild it with rvdeploy build-engine")
     if sidecar.get("engine_sha256") != sha256_file(path):
         raise EngineFileError(f"{path} does not match its sidecar (sha256 differs): the engine was replaced; rebuild it")
+    # What the runner reads from it besides: the GPU it was built on, the precision, the graph's metadata.
+    gpu = sidecar.get("gpu")
+    if not (gpu is None or (isinstance(gpu, dict) and isinstance(gpu.get("name"), str)
+                            and isinstance(gpu.get("compute_capability"), str))) \
+            or not isinstance(sidecar.get("precision", ""), str) or not isinstance(sidecar.get("model_metadata", {}), dict):
+        raise EngineFileError(f"{side.name} is malformed (gpu, precision or model_metadata): rebuild {path.name}")
     backend = sidecar.get("backend")
     if backend not in TENSORRT_BACKENDS:
         raise EngineFileError(f"{side.name} names an unknown backend {backend!r}")

@@ -24,9 +24,9 @@ import onnx
 from rich.progress import Progress
 
 from rvdeploy.data import ImageSet, batches, pad_batch
-from rvdeploy.errors import RvdeployError
+from rvdeploy.errors import RvdeployError, first_line
 from rvdeploy.files import atomic_output
-from rvdeploy.onnx_io import fixed_batch, ort_session
+from rvdeploy.onnx_io import ORT_QUIET, fixed_batch, ort_errors, ort_session, run_session
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
 
@@ -35,6 +35,7 @@ QUANTIZED_OPS = ("Conv", "Gemm")
 CALIBRATED_OPS = (*QUANTIZED_OPS, "Relu")  # Relu ranges let the CPU layout fold Relu into its Q/DQ
 HISTOGRAM_BINS = 2048
 CACHE_FORMAT = "rvdeploy-calibration-cache/1"
+ORT_DEFAULT_SEVERITY = 2  # onnxruntime's default logger level (warnings); it has no getter to restore from
 
 
 class CalibrationError(RvdeployError):
@@ -43,15 +44,19 @@ class CalibrationError(RvdeployError):
 
 @contextlib.contextmanager
 def quiet_onnxruntime_tools() -> Iterator[None]:
-    """onnxruntime.quantization logs advice on the root logger and prints its progress on stdout;
-    rvdeploy shows its own progress bar and report."""
+    """onnxruntime.quantization logs advice on the root logger and prints its progress on stdout,
+    and its sessions log their errors on stderr; rvdeploy shows its own progress bar, report and errors."""
+    import onnxruntime
+
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
+    onnxruntime.set_default_logger_severity(ORT_QUIET)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         logging.disable(previous)
+        onnxruntime.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
 
 
 def method_enum(method: str):
@@ -123,6 +128,65 @@ def _read_cache(path: Path) -> dict:
     return data
 
 
+def _finite_range(data) -> bool:
+    low, high = getattr(data, "lowest", None), getattr(data, "highest", None)
+    return (isinstance(low, np.ndarray) and isinstance(high, np.ndarray) and low.shape == high.shape and low.size > 0
+            and bool(np.isfinite(low).all() and np.isfinite(high).all() and (low <= high).all()))
+
+
+def calibrated_tensors(model_path: str | os.PathLike) -> set[str]:
+    """The tensors onnxruntime's calibrator measures in the graph (by its own rule): a cache entry holds each."""
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    with tempfile.TemporaryDirectory(prefix="rvdeploy-calib-") as tmp, quiet_onnxruntime_tools():
+        calibrator = MinMaxCalibrater(Path(model_path), list(CALIBRATED_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"))
+        return set(calibrator.select_tensors_to_calibrate(calibrator.model)[0])
+
+
+def _checked_entry(entry: object, path: Path, method: str, model_path: str | os.PathLike) -> dict:
+    """A cached entry that onnxruntime's quantizer reads as it is, or a CalibrationError naming the cache.
+
+    The quantizer trusts the file it is given; a damaged entry would fail deep inside it.
+    """
+    from onnxruntime.quantization.calibrate import TensorsData
+
+    problem = None
+    try:
+        with np.errstate(over="ignore"):  # a range beyond float32 becomes inf, refused below
+            ranges = TensorsData.from_dict(entry)
+    # what onnxruntime's decoder raises on JSON that is not its ranges (AttributeError: not a dict)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        problem = f"its entry for this model is not a set of ranges ({type(exc).__name__}: {first_line(exc)})"
+    else:
+        bad = [name for name, data in ranges.items() if not _finite_range(data)]
+        if ranges.calibration_method != method_enum(method):
+            problem = f"its entry for this model was not made with {method}"
+        elif entry.get("smooth_quant", False) is not False:
+            problem = "its entry for this model is marked smooth_quant, which rvdeploy does not use"
+        elif not ranges.data or bad:
+            problem = f"its entry for this model has no finite range for {bad[0] if bad else 'any tensor'}"
+        else:
+            missing = sorted(calibrated_tensors(model_path) - set(ranges.data))
+            if missing:
+                more = f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""
+                problem = f"its entry for this model has no range for {missing[0]}{more}"
+    if problem:
+        raise CalibrationError(f"calibration cache {path}: {problem}; delete it to calibrate again")
+    return entry
+
+
+def _require_finite(ranges: dict, model_path: str | os.PathLike) -> None:
+    """Measured ranges that can give scales: a NaN or Inf activation (non-finite or overflowing weights)
+    cannot be quantized, and onnxruntime's quantizer would fail on it deep inside."""
+    from onnxruntime.quantization.calibrate import TensorsData
+
+    bad = sorted(name for name, data in TensorsData.from_dict(ranges).items() if not _finite_range(data))
+    if bad:
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise CalibrationError(f"{model_path}: on the calibration images {bad[0]}{more} take NaN or infinite values "
+                               "(are its weights finite?); it cannot be quantized")
+
+
 def measure_ranges(model_path: str | os.PathLike, images: ImageSet, recipe: Preprocess, method: str,
                    batch_size: int = 16, show_progress: bool = True) -> dict:
     """Run onnxruntime's calibrator for ``method`` over ``images``; the ranges in its JSON form."""
@@ -138,7 +202,10 @@ def measure_ranges(model_path: str | os.PathLike, images: ImageSet, recipe: Prep
             extra_options={"num_bins": HISTOGRAM_BINS} if method == "entropy" else {},
         )
         with progress_bar(show_progress) as progress:
-            calibrator.collect_data(_Reader(model_feeds(model, images, recipe, batch_size, progress, f"calibrating ({method})")))
+            try:
+                calibrator.collect_data(_Reader(model_feeds(model, images, recipe, batch_size, progress, f"calibrating ({method})")))
+            except ort_errors() as exc:  # a graph ONNX Runtime loads but cannot run
+                raise CalibrationError(f"ONNX Runtime cannot run {model_path}: {first_line(exc)}") from None
         ranges_path = Path(tmp) / "ranges.json"
         save_tensors_data(calibrator.compute_data(), ranges_path)
         return json.loads(ranges_path.read_text())
@@ -150,10 +217,12 @@ def calibrate(model_path: str | os.PathLike, model_sha256: str, images: ImageSet
     key = cache_key(model_sha256, method, images)
     cache = _read_cache(Path(cache_path)) if cache_path else None
     if cache is not None and key in cache["entries"]:
-        return Calibration(cache["entries"][key], method, len(images), 0.0, from_cache=True)
+        ranges = _checked_entry(cache["entries"][key], Path(cache_path), method, model_path)
+        return Calibration(ranges, method, len(images), 0.0, from_cache=True)
     start = time.perf_counter()
     ranges = measure_ranges(model_path, images, recipe, method, show_progress=show_progress)
     seconds = time.perf_counter() - start
+    _require_finite(ranges, model_path)
     if cache is not None:
         cache["entries"][key] = ranges
         with atomic_output(cache_path) as tmp:
@@ -161,8 +230,9 @@ def calibrate(model_path: str | os.PathLike, model_sha256: str, images: ImageSet
     return Calibration(ranges, method, len(images), seconds, from_cache=False)
 
 
-def activation_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """The largest |value| every float tensor of ``model`` takes on ``feeds`` (run with onnxruntime)."""
+def activation_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], what: str | os.PathLike = "the graph") -> dict[str, float]:
+    """The largest |value| every float tensor of ``model`` takes on ``feeds`` (run with onnxruntime);
+    ``what`` names the graph in errors."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
@@ -175,7 +245,7 @@ def activation_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]])
     names = [o.name for o in session.get_outputs()]
     peaks: dict[str, float] = {}
     for feed in feeds:
-        for name, value in zip(names, session.run(names, feed)):
+        for name, value in zip(names, run_session(session, feed, what, names)):
             peak = float(np.abs(value).max()) if value.size else 0.0
             peaks[name] = max(peaks.get(name, 0.0), peak)
     return peaks

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 
 from rvdeploy.data import image_folder, labelled_folder
-from rvdeploy.errors import QuantizeError
+from rvdeploy.errors import QuantizeError, RvdeployError
 from rvdeploy.files import sha256_file
 from rvdeploy.onnx_io import fixed_batch, load_onnx, read_metadata, save_onnx, write_metadata
-from rvdeploy.precision.calib import METHODS, Calibration, activation_peaks, calibrate, model_feeds
+from rvdeploy.precision.calib import METHODS, QUANTIZED_OPS, Calibration, activation_peaks, calibrate, model_feeds
 from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, plan_fp32_nodes
 from rvdeploy.precision.int8 import TARGETS, quantize_int8
 from rvdeploy.precision.sensitivity import GuardReport, guard
@@ -68,6 +69,15 @@ def load_fp32_graph(path: str | os.PathLike) -> onnx.ModelProto:
     precision = read_metadata(model).get("precision", "fp32")
     if precision != "fp32":
         raise QuantizeError(f"{path} is already a {precision} graph: quantize its FP32 export instead")
+    # A NaN or Inf Conv/Gemm weight has no scale (onnxruntime's quantizer asserts on it) and no FP16 value worth writing.
+    weights = {name for node in model.graph.node if node.op_type in QUANTIZED_OPS for name in node.input[1:]}
+    for init in model.graph.initializer:
+        if init.name not in weights:
+            continue
+        values = onnx.numpy_helper.to_array(init)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise QuantizeError(f"{path}: weight {init.name} has {int((~np.isfinite(values)).sum())} NaN or infinite "
+                                "values; it cannot be quantized")
     return model
 
 
@@ -80,7 +90,10 @@ def model_recipe(model: onnx.ModelProto, path: str | os.PathLike, override: Prep
         raise QuantizeError(
             f"{path} is not an rvdeploy export (no preprocessing metadata): give --mean, --std and --input-size"
         )
-    return Preprocess.from_dict(meta["preprocess"])
+    try:
+        return Preprocess.from_dict(meta["preprocess"])
+    except RvdeployError as exc:
+        raise QuantizeError(f"{path}: {exc}") from None
 
 
 def _write(model: onnx.ModelProto, source: onnx.ModelProto, path: str | os.PathLike, updates: dict) -> None:
@@ -105,7 +118,7 @@ def quantize_fp16(model_path: str | os.PathLike, out_path: str | os.PathLike,
     model = load_fp32_graph(model_path)
     recipe = model_recipe(model, model_path, options.recipe)
     feeds, observed, observed_on = _observation_feeds(model, recipe, options)
-    peaks = activation_peaks(model, feeds)
+    peaks = activation_peaks(model, feeds, model_path)
     graph = gs.import_onnx(model)
     kept = plan_fp32_nodes(graph, peaks)
     kept_names = {k.node for k in kept}

@@ -19,7 +19,7 @@ import numpy as np
 from rvdeploy.arch import ZOO_NAMES
 from rvdeploy.errors import RvdeployError
 from rvdeploy.model import DEFAULT_BN_EPS
-from rvdeploy.onnx_io import precision_label
+from rvdeploy.onnx_io import check_metadata, precision_label
 from rvdeploy.preprocess import Preprocess
 
 
@@ -93,7 +93,11 @@ class Runner:
     def infer(self, feed: np.ndarray) -> np.ndarray:
         """Logits (float32) for the float32 NCHW batch ``feed``."""
         self._require_active()
-        return self._infer(np.ascontiguousarray(feed, dtype=np.float32))
+        out = self._infer(np.ascontiguousarray(feed, dtype=np.float32))
+        if out.ndim != 2 or len(out) != len(feed):
+            raise RunnerError(f"{self.name} gives an output of shape {list(out.shape)} for a batch of {len(feed)}, "
+                              "not (batch, classes) logits")
+        return out
 
     def timed(self, feed: np.ndarray) -> Callable[[], None]:
         """A callable running the model on ``feed``, staged once beforehand: compute only, for timing."""
@@ -102,8 +106,12 @@ class Runner:
 
     def describe_graph(self, meta: dict) -> None:
         """Take the description attributes from a graph's rvdeploy metadata."""
+        check_metadata(meta, self.path)
         self.precision = precision_label(meta)
-        self.preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else None
+        try:
+            self.preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else None
+        except RvdeployError as exc:
+            raise RunnerError(f"{self.path}: {exc}") from None
         self.num_classes = meta.get("num_classes")
         self.arch = meta.get("arch", self.path.stem)
         self.form = meta.get("form", "fused")

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from rvdeploy.onnx_io import decode_metadata, ort_session
-from rvdeploy.runners.base import Runner
+from rvdeploy.onnx_io import decode_metadata, ort_session, run_session
+from rvdeploy.runners.base import Runner, RunnerError
 
 
 class OrtRunner(Runner):
@@ -17,24 +17,47 @@ class OrtRunner(Runner):
     def _acquire(self) -> None:
         opts = self.options
         self.session = ort_session(self.path, opts.device, opts.threads, opts.spinning)
-        feed = self.session.get_inputs()[0]
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        # ONNX Runtime loads any valid graph; what rvdeploy runs is a classifier: NCHW in, (batch, classes) out.
+        if len(inputs) != 1 or (inputs[0].shape and len(inputs[0].shape) != 4):
+            shapes = ", ".join(str(i.shape) for i in inputs) or "none"
+            raise RunnerError(f"{self.path} is not an image classifier: it takes {len(inputs)} inputs ({shapes}), "
+                              "not one NCHW image batch")
+        if outputs[0].shape and len(outputs[0].shape) != 2:
+            raise RunnerError(f"{self.path} is not an image classifier: its output has shape {outputs[0].shape}, "
+                              "not (batch, classes)")
+        feed = inputs[0]
         self.input_name = feed.name
+        # The fixed C, H, W of the input (None where dynamic): a feed of another size is refused by name.
+        self.input_chw = tuple(d if isinstance(d, int) else None for d in feed.shape[1:]) if feed.shape else None
         self.input_dtype = np.float16 if feed.type == "tensor(float16)" else np.float32
         self.fixed_batch = feed.shape[0] if isinstance(feed.shape[0], int) else None
-        self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
+        try:
+            self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
+        except UnicodeDecodeError:  # ONNX Runtime hands metadata over as str: bytes that are not UTF-8 fail there
+            raise RunnerError(f"{self.path} is not a valid ONNX graph: its metadata is not UTF-8 text") from None
         self.describe_graph(self.metadata)
 
     def _release(self) -> None:
         self.session = None
 
+    def _check_feed(self, feed: np.ndarray) -> None:
+        expected = self.input_chw
+        if expected and any(e is not None and e != got for e, got in zip(expected, feed.shape[1:])):
+            want = "x".join("?" if e is None else str(e) for e in expected)
+            have = "x".join(map(str, feed.shape[1:]))
+            raise RunnerError(f"{self.name} takes {want} (CxHxW) inputs, not {have}: give its --input-size")
+
     def _infer(self, feed: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: feed.astype(self.input_dtype, copy=False)})[0]
+        self._check_feed(feed)
+        out = run_session(self.session, {self.input_name: feed.astype(self.input_dtype, copy=False)}, self.path)[0]
         return out.astype(np.float32, copy=False)
 
     def _timed(self, feed: np.ndarray) -> Callable[[], None]:
+        self._check_feed(feed)
         inputs = {self.input_name: feed.astype(self.input_dtype, copy=False)}
 
         def run() -> None:
-            self.session.run(None, inputs)
+            run_session(self.session, inputs, self.path)
 
         return run
