@@ -41,7 +41,7 @@ def write_crops(folder: Path, count: int, size: int = 256) -> None:
 
 
 def latency(path: Path, batch: int, seconds: float):
-    session = ort_session(path, spinning=False)
+    session = ort_session(path)
     feed = {"input": np.random.default_rng(1).standard_normal((batch, 3, 224, 224), dtype=np.float32)}
     return measure(lambda: session.run(None, feed), batch, warmup_s=2.0, min_s=seconds, min_iters=10)
 

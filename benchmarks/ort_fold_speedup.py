@@ -26,7 +26,7 @@ from results_io import write_results
 
 
 def time_graph(path: Path, batch: int, size: int, seconds: float):
-    session = ort_session(path, spinning=False)
+    session = ort_session(path)
     feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)}
     return measure(lambda: session.run(None, feed), batch, warmup_s=1.0, min_s=seconds, min_iters=10)
 

@@ -85,7 +85,7 @@ class BenchSettings:
 
 def _runners(path: Path, backend: str, settings: BenchSettings) -> list[Runner]:
     """The runners to time: a training checkpoint gives its multi-branch net and its fold."""
-    options = RunnerOptions(settings.device, settings.threads, settings.bn_eps, spinning=False)
+    options = RunnerOptions(settings.device, settings.threads, settings.bn_eps)
     if backend != "torch":
         return [RUNNERS[backend](path, options)]
     weights = load_weights(path, bn_eps=settings.bn_eps)

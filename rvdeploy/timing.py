@@ -122,7 +122,7 @@ def reference_workload(backend: str, device: str, threads: int | None) -> Callab
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "w")])
         model = with_min_ir_version(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-        session = ort_session(model.SerializeToString(), device, threads, spinning=False, name="the reference workload")
+        session = ort_session(model.SerializeToString(), device, threads, name="the reference workload")
         return lambda: session.run(None, {"x": x})
     import torch
     import torch.nn.functional as F

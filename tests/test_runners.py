@@ -84,3 +84,16 @@ def test_torch_runner_on_cuda_matches_the_cpu():
         gpu.timed(x)()
     # cuDNN picks its own algorithms (TF32 among them on recent GPUs): 1e-3 relative.
     assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
+
+
+@pytest.mark.gpu
+def test_bench_on_cuda_times_gpu_compute_apart():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    from rvdeploy.bench import BenchSettings, bench_target
+
+    report = bench_target(DIGITS_CKPT, "torch", BenchSettings(batches=(2,), warmup_s=0, min_s=0.05, iters=3, device="cuda"))
+    assert [r["backend"] for r in report["results"]] == ["torch-cuda", "torch-cuda"]
+    for row in report["results"]:
+        assert 0 < row["gpu_compute_ms"]["p50"] and row["latency_ms"]["p50"] > 0
+    assert report["checks"][0]["passed"]

@@ -29,7 +29,7 @@ __all__ = ["RUNNERS", "OrtRunner", "Runner", "RunnerError", "RunnerOptions", "Te
 def open_runner(path: str | os.PathLike, backend: str | None = None, **options) -> Runner:
     """The (not yet active) runner for ``path``; ``backend`` defaults to the artifact's kind.
 
-    ``options`` are :class:`RunnerOptions` fields: ``device``, ``threads``, ``bn_eps``, ``spinning``.
+    ``options`` are :class:`RunnerOptions` fields: ``device``, ``threads``, ``bn_eps``.
     """
     path = Path(path)
     if not path.exists():

@@ -32,7 +32,6 @@ class RunnerOptions:
     device: str = "cpu"  # "cpu" or "cuda"; engines always run on the GPU
     threads: int | None = None  # CPU threads (torch and ONNX Runtime)
     bn_eps: float = DEFAULT_BN_EPS  # BatchNorm epsilon of a training checkpoint
-    spinning: bool = True  # False: idle ONNX Runtime threads sleep (for runners timed in turn)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

@@ -16,7 +16,7 @@ class OrtRunner(Runner):
 
     def _acquire(self) -> None:
         opts = self.options
-        self.session = ort_session(self.path, opts.device, opts.threads, opts.spinning)
+        self.session = ort_session(self.path, opts.device, opts.threads)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         # ONNX Runtime loads any valid graph; what rvdeploy runs is a classifier: NCHW in, (batch, classes) out.
         if len(inputs) != 1 or (inputs[0].shape and len(inputs[0].shape) != 4):
