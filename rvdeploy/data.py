@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rvdeploy.errors import RvdeployError
+from rvdeploy.errors import RvdeployError, first_line
 from rvdeploy.preprocess import Preprocess
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -57,7 +57,7 @@ def _check(paths: list[Path], recipe: Preprocess, allow_upscale: bool, what: str
             with Image.open(path) as image:
                 w, h = image.size
         except _BAD_IMAGE as exc:
-            skipped.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            skipped.append((path, first_line(exc)))
             continue
         if (w < width or h < height) and not (allow_upscale or recipe.upscale):
             small.append((path, w, h))
@@ -121,7 +121,7 @@ def batches(images: ImageSet, recipe: Preprocess, batch_size: int) -> Iterator[t
             with Image.open(path) as image:
                 pixels.append(recipe.apply(image))
         except _BAD_IMAGE as exc:
-            failed.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            failed.append((path, first_line(exc)))
             images.skipped.append(failed[-1])
             continue
         indices.append(i)

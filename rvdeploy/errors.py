@@ -11,12 +11,13 @@ REGRESSION_EXIT = 5
 INTERNAL_ERROR_EXIT = 70
 
 
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of ``exc``'s message, or its type name when it has none."""
+def first_line(exc: BaseException | str) -> str:
+    """The first non-empty line of a message (an exception's, or a library's text), else the
+    exception's type name."""
     for line in str(exc).splitlines():
         if line.strip():
             return line.strip()
-    return type(exc).__name__
+    return "" if isinstance(exc, str) else type(exc).__name__
 
 
 class RvdeployError(Exception):

@@ -90,7 +90,7 @@ def _parse(library: Library, onnx_path: Path):
     if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0]
-        desc = first_line(Exception(first.desc()))
+        desc = first_line(first.desc())
         raise EngineBuildError(
             f"{library.name} cannot parse {onnx_path}: node {first.node_name() or first.node()} "
             f"({first.node_operator()}): {desc}" + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else "")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from rvdeploy.compare import relative_error
 from rvdeploy.data import ImageSet
 from rvdeploy.eval import predictions
 from rvdeploy.precision.calib import Calibration
@@ -73,7 +74,7 @@ class _Scorer:
         return float((logits.argmax(1) == self.labels).mean() * 100)
 
     def logit_error(self, logits: np.ndarray) -> float:
-        return float(np.abs(logits - self.reference).max() / (np.abs(self.reference).max() or 1.0))
+        return relative_error(logits, self.reference)
 
 
 def guard(model_path: Path, calibration: Calibration, target: str, images: ImageSet, recipe: Preprocess,
