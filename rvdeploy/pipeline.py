@@ -36,6 +36,7 @@ from rvdeploy.precision.fp16 import Fp16Report
 from rvdeploy.precision.quantize import Fp16Options, Int8Options, Int8Report, quantize_fp16, quantize_int8_file
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.reparam import FoldReport, fuse
+from rvdeploy.report import plot_latency
 from rvdeploy.runners import open_runner
 from rvdeploy.verify import VerifyReport, verify
 from rvdeploy.weights import DeployWeights, TrainWeights
@@ -250,8 +251,6 @@ class BenchOutcome:
 
 def bench(targets: list[str | os.PathLike], options: BenchOptions = BenchOptions()) -> BenchOutcome:
     """Time every target, write the JSON and plot asked for, and gate against the baseline."""
-    from rvdeploy.report import plot_latency
-
     # Read the baseline first: a malformed one should not cost a whole run.
     baseline = load_baseline(options.baseline) if options.baseline is not None else None
     report = merge_reports([bench_target(t, options.backend, options.settings, options.progress) for t in targets])

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from rvdeploy.checkpoint import load_weights
 from rvdeploy.runners.base import Runner, RunnerError, RunnerOptions
 from rvdeploy.weights import DeployWeights, TrainWeights
 
@@ -23,8 +24,6 @@ class TorchRunner(Runner):
         self.model: torch.nn.Module | None = None
 
     def _acquire(self) -> None:
-        from rvdeploy.checkpoint import load_weights
-
         device = self.options.device
         if device == "cuda" and not torch.cuda.is_available():
             raise RunnerError("--device cuda: no CUDA GPU is available to torch here")
