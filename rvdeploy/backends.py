@@ -32,7 +32,7 @@ def canonical_backend(name: str) -> str:
     """``name`` in the canonical vocabulary; aliases accepted."""
     canonical = ALIASES.get(name, name)
     if canonical not in BACKENDS:
-        choices = ", ".join(f"{b}" for b in BACKENDS) + " (or " + ", ".join(ALIASES) + ")"
+        choices = ", ".join(BACKENDS) + " (or " + ", ".join(ALIASES) + ")"
         raise BackendError(f"unknown backend {name!r}; choose {choices}")
     return canonical
 

@@ -23,7 +23,7 @@ from rvdeploy.errors import RvdeployError
 from rvdeploy.machine import describe_machine
 from rvdeploy.model import DEFAULT_BN_EPS
 from rvdeploy.reparam import fuse
-from rvdeploy.runners import RUNNERS, Runner, RunnerOptions, TorchRunner
+from rvdeploy.runners import Runner, RunnerOptions, TorchRunner, open_runner
 from rvdeploy.timing import REFERENCE_WORKLOAD, Latency, measure_cuda, measure_with_reference, reference_workload
 from rvdeploy.weights import TrainWeights
 
@@ -87,7 +87,7 @@ def _runners(path: Path, backend: str, settings: BenchSettings) -> list[Runner]:
     """The runners to time: a training checkpoint gives its multi-branch net and its fold."""
     options = RunnerOptions(settings.device, settings.threads, settings.bn_eps)
     if backend != "torch":
-        return [RUNNERS[backend](path, options)]
+        return [open_runner(path, backend, device=settings.device, threads=settings.threads)]
     weights = load_weights(path, bn_eps=settings.bn_eps)
     runners = [TorchRunner(path, options, weights)]
     if isinstance(weights, TrainWeights):

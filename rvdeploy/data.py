@@ -115,14 +115,14 @@ def batches(images: ImageSet, recipe: Preprocess, batch_size: int) -> Iterator[t
     An image that passed the header check but fails to decode is skipped and added to ``images.skipped``;
     :class:`DataError` when none decodes (there would be nothing to calibrate or evaluate on).
     """
-    pixels, indices, decoded, failed = [], [], 0, []
+    pixels, indices, decoded = [], [], 0
+    first_failure = len(images.skipped)
     for i, path in enumerate(images.paths):
         try:
             with Image.open(path) as image:
                 pixels.append(recipe.apply(image))
         except _BAD_IMAGE as exc:
-            failed.append((path, first_line(exc)))
-            images.skipped.append(failed[-1])
+            images.skipped.append((path, first_line(exc)))
             continue
         indices.append(i)
         decoded += 1
@@ -131,5 +131,6 @@ def batches(images: ImageSet, recipe: Preprocess, batch_size: int) -> Iterator[t
             pixels, indices = [], []
     if pixels:
         yield np.stack(pixels), indices
-    if not decoded and failed:
-        raise DataError(f"none of the {len(images.paths)} images could be decoded (first: {failed[0][0]}: {failed[0][1]})")
+    if images.paths and not decoded:
+        path, reason = images.skipped[first_failure]
+        raise DataError(f"none of the {len(images.paths)} images could be decoded (first: {path}: {reason})")

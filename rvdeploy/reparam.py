@@ -239,7 +239,7 @@ def check_fold(
     start = time.perf_counter()
     spec, eps, f64 = weights.spec, weights.bn_eps, torch.float64
     x = torch.randn(batch, spec.in_channels, probe_size, probe_size, generator=torch.Generator().manual_seed(seed))
-    multi64, fused64 = weights.to_module(f64), build_model(spec, True, folded64, eps, f64)
+    multi64, fused64 = weights.to_module(f64), build_model(spec, True, folded64, dtype=f64)
 
     inputs: dict[str, torch.Tensor] = {}  # each block's input in the float64 multi-branch run
 
@@ -252,7 +252,7 @@ def check_fold(
         for hook in hooks:
             hook.remove()
         multi32 = weights.to_module()(x)
-        fused32 = build_model(spec, True, folded32, eps)(x)
+        fused32 = build_model(spec, True, folded32)(x)
         fused64_out = fused64(x.double())
 
     blocks = [

@@ -67,6 +67,14 @@ def small_se_spec() -> ArchSpec:
     return custom_spec(depths=(1, 2, 1, 1), widths=(16, 32, 32, 64), se=True, num_classes=5)
 
 
+@pytest.fixture(scope="session")
+def digits_onnx(tmp_path_factory) -> Path:
+    """The shipped model's plain ONNX export."""
+    from rvdeploy.pipeline import export_model
+
+    return export_model(DIGITS_CKPT, tmp_path_factory.mktemp("digits") / "digits.onnx").output
+
+
 @pytest.fixture()
 def small_state(small_spec) -> dict[str, torch.Tensor]:
     return trained_like_state_dict(small_spec, seed=1)

@@ -49,14 +49,6 @@ QUICK = BenchSettings(batches=(1, 2), warmup_s=0.0, min_s=0.05, iters=3)
 QUICK_ARGS = ["--warmup-s", "0", "--min-s", "0.05", "--iters", "3"]
 
 
-@pytest.fixture(scope="module")
-def digits_onnx(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "digits.onnx"
-    code, _, stderr = run("export", DIGITS_CKPT, "--onnx", path)
-    assert code == 0, stderr
-    return path
-
-
 def test_report_follows_the_documented_schema(digits_onnx):
     report = bench_target(digits_onnx, "ort", QUICK)
     assert set(report) == {"results", "machine"}

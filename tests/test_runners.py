@@ -10,14 +10,6 @@ from rvdeploy.checkpoint import load_weights
 from rvdeploy.runners import OrtRunner, RunnerError, TensorRTRunner, TorchRunner, open_runner
 
 from conftest import DIGITS_CKPT
-from test_cli import run
-
-
-@pytest.fixture(scope="module")
-def digits_onnx(tmp_path_factory):
-    path = tmp_path_factory.mktemp("runners") / "digits.onnx"
-    assert run("export", DIGITS_CKPT, "--onnx", path)[0] == 0
-    return path
 
 
 def test_one_vocabulary_with_aliases():

@@ -71,6 +71,7 @@ class Runner:
     def activate(self) -> Runner:
         if not self.active:
             self._acquire()
+            self._checked_shapes: set[tuple[int, ...]] = set()
             self.active = True
         return self
 
@@ -92,16 +93,25 @@ class Runner:
     def infer(self, feed: np.ndarray) -> np.ndarray:
         """Logits (float32) for the float32 NCHW batch ``feed``."""
         self._require_active()
-        out = self._infer(np.ascontiguousarray(feed, dtype=np.float32))
-        if out.ndim != 2 or len(out) != len(feed):
-            raise RunnerError(f"{self.name} gives an output of shape {list(out.shape)} for a batch of {len(feed)}, "
-                              "not (batch, classes) logits")
+        feed = np.ascontiguousarray(feed, dtype=np.float32)
+        # Shapes are checked once each: infer is what bench times, call after call.
+        first = feed.shape not in self._checked_shapes
+        if first:
+            self._check_input(feed)
+        out = self._infer(feed)
+        if first:
+            if out.ndim != 2 or len(out) != len(feed):
+                raise RunnerError(f"{self.name} gives an output of shape {list(out.shape)} for a batch of {len(feed)}, "
+                                  "not (batch, classes) logits")
+            self._checked_shapes.add(feed.shape)
         return out
 
     def timed(self, feed: np.ndarray) -> Callable[[], None]:
         """A callable running the model on ``feed``, staged once beforehand: compute only, for timing."""
         self._require_active()
-        return self._timed(np.ascontiguousarray(feed, dtype=np.float32))
+        feed = np.ascontiguousarray(feed, dtype=np.float32)
+        self._check_input(feed)
+        return self._timed(feed)
 
     def describe_graph(self, meta: dict) -> None:
         """Take the description attributes from a graph's rvdeploy metadata."""
@@ -120,6 +130,9 @@ class Runner:
 
     def _release(self) -> None:
         raise NotImplementedError
+
+    def _check_input(self, feed: np.ndarray) -> None:
+        """Refuse, by name, a batch the model cannot take (runners that know their input size)."""
 
     def _infer(self, feed: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -33,15 +33,15 @@ class OrtRunner(Runner):
         self.input_dtype = np.float16 if feed.type == "tensor(float16)" else np.float32
         self.fixed_batch = feed.shape[0] if isinstance(feed.shape[0], int) else None
         try:
-            self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
+            metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         except UnicodeDecodeError:  # ONNX Runtime hands metadata over as str: bytes that are not UTF-8 fail there
             raise RunnerError(f"{self.path} is not a valid ONNX graph: its metadata is not UTF-8 text") from None
-        self.describe_graph(self.metadata)
+        self.describe_graph(metadata)
 
     def _release(self) -> None:
         self.session = None
 
-    def _check_feed(self, feed: np.ndarray) -> None:
+    def _check_input(self, feed: np.ndarray) -> None:
         expected = self.input_chw
         if expected and any(e is not None and e != got for e, got in zip(expected, feed.shape[1:])):
             want = "x".join("?" if e is None else str(e) for e in expected)
@@ -49,12 +49,10 @@ class OrtRunner(Runner):
             raise RunnerError(f"{self.name} takes {want} (CxHxW) inputs, not {have}: give its --input-size")
 
     def _infer(self, feed: np.ndarray) -> np.ndarray:
-        self._check_feed(feed)
         out = run_session(self.session, {self.input_name: feed.astype(self.input_dtype, copy=False)}, self.path)[0]
         return out.astype(np.float32, copy=False)
 
     def _timed(self, feed: np.ndarray) -> Callable[[], None]:
-        self._check_feed(feed)
         inputs = {self.input_name: feed.astype(self.input_dtype, copy=False)}
 
         def run() -> None:
