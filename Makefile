@@ -11,10 +11,12 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 DEMO := build/demo
 DEMO_CKPT := models/digits/repvgg_digits_train.pth
+# A MobileOne-style graph exported with its training branches (models/foreign/make_mobileone_tiny.py).
+FOREIGN := models/foreign/mobileone_tiny
 # 1 when torch sees a CUDA GPU: the demo then also times its TensorRT engines.
 GPU = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 
-.PHONY: install demo test bench-gate clean
+.PHONY: install demo test test-timm bench-gate clean
 
 install: $(STAMP)
 
@@ -32,6 +34,11 @@ demo: install
 	$(RVDEPLOY) fuse $(DEMO_CKPT) -o $(DEMO)/digits_fused.pth
 	$(RVDEPLOY) export $(DEMO)/digits_fused.pth --onnx $(DEMO)/digits.onnx
 	$(RVDEPLOY) verify $(DEMO)/digits.onnx --checkpoint $(DEMO_CKPT)
+	@echo "A graph from another tool, training branches still in it: verify fails (exit 4), fuse folds it in the graph."
+	$(RVDEPLOY) verify $(FOREIGN).onnx; test $$? -eq 4
+	$(RVDEPLOY) fuse $(FOREIGN).onnx -o $(DEMO)/$(notdir $(FOREIGN))_plain.onnx
+	$(RVDEPLOY) verify $(DEMO)/$(notdir $(FOREIGN))_plain.onnx
+	$(RVDEPLOY) bench $(FOREIGN).onnx $(DEMO)/$(notdir $(FOREIGN))_plain.onnx --batch 1,8 --warmup-s 0.5 --min-s 1
 	$(RVDEPLOY) quantize $(DEMO)/digits.onnx --fp16 -o $(DEMO)/digits_fp16.onnx --calib calib/digits
 	$(RVDEPLOY) quantize $(DEMO)/digits.onnx --int8 --calib calib/digits --target tensorrt \
 		--calib-cache $(DEMO)/calib-cache.json -o $(DEMO)/digits_int8_tensorrt.onnx \
@@ -50,6 +57,19 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# timm's reference folds (tests/test_graphfold_timm.py; skipped by `make test`). timm needs torchvision, and
+# PyPI's torchvision does not import beside the CPU torch build: this venv takes torch 2.14.1 with its
+# torchvision 0.29.1 from this machine's disk (a CUDA build, about 5.5 GB, that runs on the CPU).
+TIMM_VENV ?= .venv-timm
+$(TIMM_VENV)/.installed: pyproject.toml
+	test -x $(TIMM_VENV)/bin/python || $(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(TIMM_VENV)/bin/pip install --quiet --disable-pip-version-check timm -e ".[cpu,dev]"
+	touch $@
+
+test-timm: $(TIMM_VENV)/.installed
+	$(TIMM_VENV)/bin/python -m pytest -q tests/test_graphfold_timm.py
 
 # The latency regression gate CI runs after the tests (benchmarks/ci_gate.sh).
 bench-gate: install

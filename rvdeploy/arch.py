@@ -69,7 +69,7 @@ class ArchSpec:
     stem_width: int
     block_groups: tuple[int, ...]
     se: bool = False
-    num_classes: int = 1000
+    num_classes: int | None = 1000  # None: a headless backbone (no classifier), as detectors use it
     in_channels: int = 3
     _blocks: tuple[BlockSpec, ...] = field(init=False, repr=False, compare=False)
 
@@ -86,7 +86,7 @@ class ArchSpec:
             raise ArchError(f"{where}: depths and widths must be non-empty and of equal length")
         if any(d < 1 for d in self.depths) or any(w < 1 for w in self.widths):
             raise ArchError(f"{where}: depths and widths must be positive")
-        if self.stem_width < 1 or self.in_channels < 1 or self.num_classes < 1:
+        if self.stem_width < 1 or self.in_channels < 1 or (self.num_classes is not None and self.num_classes < 1):
             raise ArchError(f"{where}: stem width, input channels and class count must be positive")
         if len(self.block_groups) != sum(self.depths):
             raise ArchError(
@@ -129,6 +129,26 @@ class ArchSpec:
         return self.widths[-1]
 
     @property
+    def headless(self) -> bool:
+        return self.num_classes is None
+
+    @property
+    def num_stages(self) -> int:
+        """Stages counting the stem as stage 0: stage outputs are numbered 0..num_stages-1."""
+        return len(self.depths) + 1
+
+    def blocks_through(self, stage: int) -> int:
+        """How many blocks run up to the end of ``stage`` (0: the stem)."""
+        return 1 + sum(self.depths[:stage])
+
+    def stage_channels(self, stage: int) -> int:
+        return self.stem_width if stage == 0 else self.widths[stage - 1]
+
+    def stage_stride(self, stage: int) -> int:
+        """The output stride of ``stage``: every stage starts with a stride-2 block."""
+        return 2 ** (stage + 1)
+
+    @property
     def is_zoo(self) -> bool:
         return self.name in ZOO_NAMES
 
@@ -156,7 +176,7 @@ class ArchSpec:
                 stem_width=int(data["stem_width"]),
                 block_groups=tuple(data["block_groups"]),
                 se=bool(data.get("se", False)),
-                num_classes=int(data.get("num_classes", 1000)),
+                num_classes=None if data.get("num_classes", 1000) is None else int(data.get("num_classes", 1000)),
                 in_channels=int(data.get("in_channels", 3)),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -176,7 +196,7 @@ class ArchSpec:
                 total += 2 * b.in_channels if b.has_identity else 0
             if b.se_channels:
                 total += 2 * b.out_channels * b.se_channels + b.se_channels + b.out_channels
-        return total + self.num_features * self.num_classes + self.num_classes
+        return total + (self.num_features * self.num_classes + self.num_classes if self.num_classes else 0)
 
     def macs(self, input_size: int | tuple[int, int], deploy: bool) -> int:
         """Multiply-accumulates of convolutions, SE and the classifier (the paper's "FLOPs")."""
@@ -188,7 +208,7 @@ class ArchSpec:
             total += h * w * per_pixel * (9 if deploy else 10)
             if b.se_channels:
                 total += 2 * b.out_channels * b.se_channels
-        return total + self.num_features * self.num_classes
+        return total + self.num_features * (self.num_classes or 0)
 
 
 def _groups_for_layers(total_layers: int, groups: int) -> tuple[int, ...]:
@@ -204,7 +224,7 @@ def _canonical_zoo_name(name: str) -> str | None:
     return None
 
 
-def zoo_spec(name: str, num_classes: int = 1000) -> ArchSpec:
+def zoo_spec(name: str, num_classes: int | None = 1000) -> ArchSpec:
     """The official variant ``name`` ("RepVGG-A0", "A0", "repvgg_a0" all work)."""
     canonical = _canonical_zoo_name(name)
     if canonical is None:
@@ -229,7 +249,7 @@ def custom_spec(
     stem_width: int | None = None,
     groups: int = 1,
     se: bool = False,
-    num_classes: int = 1000,
+    num_classes: int | None = 1000,
     in_channels: int = 3,
     name: str = "custom",
 ) -> ArchSpec:

@@ -21,7 +21,7 @@ from rvdeploy.checkpoint import load_weights
 from rvdeploy.compare import compare_outputs
 from rvdeploy.errors import RvdeployError
 from rvdeploy.machine import describe_machine
-from rvdeploy.model import DEFAULT_BN_EPS
+from rvdeploy.model import DEFAULT_BN_EPS, as_tuple
 from rvdeploy.reparam import fuse
 from rvdeploy.runners import Runner, RunnerOptions, TorchRunner, open_runner
 from rvdeploy.timing import REFERENCE_WORKLOAD, Latency, measure_cuda, measure_with_reference, reference_workload
@@ -95,32 +95,52 @@ def _runners(path: Path, backend: str, settings: BenchSettings) -> list[Runner]:
     return runners
 
 
-def _same_function(runners: list[Runner], size: tuple[int, int]) -> list[dict]:
+def _same_function(runners: list[Runner], shape: tuple[int, int, int]) -> list[dict]:
     """Each later form of one model against the first (the multi-branch net), on one probe batch,
-    within what float32 explains: a table that times two forms must time one function."""
+    every output within what float32 explains: a table that times two forms must time one function."""
     if len(runners) < 2:
         return []
     first = runners[0]
-    x = np.random.default_rng(0).standard_normal((2, 3, *size), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((2, *shape), dtype=np.float32)
     with torch.inference_mode():
-        reference64 = first.weights.to_module(torch.float64)(torch.from_numpy(x).double()).numpy()
-    reference32 = first.infer(x)
+        net64 = first.weights.to_module(torch.float64)
+        reference64 = [t.numpy() for t in as_tuple(net64(torch.from_numpy(x).double()))]
+    reference32 = first.infer_all(x)
     checks = []
     for runner in runners[1:]:
-        comparison = compare_outputs(runner.infer(x), reference64, reference32)
-        if not comparison.passed:
+        candidate = runner.infer_all(x)
+        if len(candidate) != len(reference32):
+            raise BenchError(f"{runner.name}: the {runner.form} net gives {len(candidate)} outputs, "
+                             f"the {first.form} net {len(reference32)}")
+        comparisons = [compare_outputs(c, r64, r32) for c, r64, r32 in zip(candidate, reference64, reference32)]
+        worst = max(comparisons, key=lambda c: c.max_rel_error / c.budget_rel)
+        if not all(c.passed for c in comparisons):
             raise BenchError(f"{runner.name}: the {runner.form} net does not compute what the {first.form} net does "
-                             f"(relative error {comparison.max_rel_error:.3g}, float32 explains {comparison.budget_rel:.3g})")
-        checks.append({"model": runner.label, "candidate": runner.form, "reference": first.form, **comparison.to_dict()})
+                             f"(relative error {worst.max_rel_error:.3g}, float32 explains {worst.budget_rel:.3g})")
+        checks.append({"model": runner.label, "candidate": runner.form, "reference": first.form,
+                       "outputs": len(comparisons), **worst.to_dict()})
     return checks
 
 
-def _time(runner: Runner, batch: int, size: tuple[int, int], settings: BenchSettings,
+def _input_shape(runner: Runner, settings: BenchSettings) -> tuple[int, int, int]:
+    """C, H, W to time: a graph's own fixed size, else ``--input-size``, the recipe's, or 224x224."""
+    channels, height, width = runner.input_chw or (None, None, None)
+    if height is not None and width is not None:
+        if settings.input_size is not None and tuple(settings.input_size) != (height, width):
+            raise BenchError(f"{runner.name} takes {height}x{width} inputs (fixed in the graph), not "
+                             f"--input-size {settings.input_size[0]}x{settings.input_size[1]}: leave --input-size out")
+        size = (height, width)
+    else:
+        size = settings.input_size or (runner.preprocess.input_size if runner.preprocess else (224, 224))
+    return channels or 3, *size
+
+
+def _time(runner: Runner, batch: int, shape: tuple[int, int, int], settings: BenchSettings,
           reference: Callable[[], object]) -> tuple[Latency, Latency | None, float]:
-    x = np.random.default_rng(batch).standard_normal((batch, 3, *size), dtype=np.float32)
+    x = np.random.default_rng(batch).standard_normal((batch, *shape), dtype=np.float32)
     timing = dict(warmup_s=settings.warmup_s, min_s=settings.min_s, min_iters=settings.iters)
     # End to end: includes the host<->device copies on a GPU.
-    end_to_end, reference_p50 = measure_with_reference(lambda: runner.infer(x), reference, batch, **timing)
+    end_to_end, reference_p50 = measure_with_reference(lambda: runner.infer_all(x), reference, batch, **timing)
     compute = None
     if settings.device == "cuda":
         compute = measure_cuda(runner.timed(x), batch, stream=getattr(runner, "stream", None), **timing)
@@ -145,18 +165,22 @@ def bench_target(target: str | os.PathLike, backend: str | None = None, settings
     runners = _runners(path, backend, settings)
     # TensorRT shares torch's CUDA reference.
     reference = reference_workload(backend, settings.device, settings.threads)
-    rows, checks = [], []
+    rows, checks, skipped = [], [], []
     with ExitStack() as stack:
         for runner in runners:
             stack.enter_context(runner)
-        size = settings.input_size or (runners[0].preprocess.input_size if runners[0].preprocess else (224, 224))
-        checks = _same_function(runners, size)
+        shape = _input_shape(runners[0], settings)
+        size = shape[1:]
+        checks = _same_function(runners, shape)
         for runner in runners:
             batches = (runner.fixed_batch,) if runner.fixed_batch else settings.batches
+            if runner.fixed_batch and set(settings.batches) != {runner.fixed_batch}:
+                skipped.append({"model": runner.label, "fixed_batch": runner.fixed_batch,
+                                "batches": [b for b in settings.batches if b != runner.fixed_batch]})
             for batch in batches:
                 if progress:
                     progress(f"{runner.name} {runner.form} {runner.precision} batch {batch}")
-                latency, compute, reference_p50 = _time(runner, batch, size, settings, reference)
+                latency, compute, reference_p50 = _time(runner, batch, shape, settings, reference)
                 rows.append(BenchRow(
                     model=runner.label,
                     variant=f"{runner.form}@{size[0]}x{size[1]}",
@@ -172,6 +196,8 @@ def bench_target(target: str | os.PathLike, backend: str | None = None, settings
     report = {"results": [r.to_dict() for r in rows], "machine": machine}
     if checks:
         report["checks"] = checks
+    if skipped:  # a fixed-batch graph runs only its own batch
+        report["skipped_batches"] = skipped
     speedups = [
         {"model": fused.model, "batch": fused.batch, "fused_vs_multi_branch": multi.latency.p50 / fused.latency.p50}
         for fused in rows if fused.variant.startswith("fused")
@@ -185,7 +211,7 @@ def bench_target(target: str | os.PathLike, backend: str | None = None, settings
 def merge_reports(reports: list[dict]) -> dict:
     """One report from several targets measured in the same session."""
     merged = {"results": [r for rep in reports for r in rep["results"]], "machine": reports[0]["machine"]}
-    for key in ("checks", "speedups"):
+    for key in ("checks", "skipped_batches", "speedups"):
         entries = [entry for rep in reports for entry in rep.get(key, [])]
         if entries:
             merged[key] = entries

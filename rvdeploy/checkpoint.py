@@ -22,7 +22,7 @@ from rvdeploy import __version__
 from rvdeploy.arch import ArchSpec, identify, zoo_spec
 from rvdeploy.errors import ArchError, CheckpointError, RvdeployError, first_line
 from rvdeploy.files import atomic_output, sha256_file
-from rvdeploy.layouts import Layout, detect_layout
+from rvdeploy.layouts import Layout, detect_layout, select_prefix
 from rvdeploy.model import DEFAULT_BN_EPS, expected_shapes
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.weights import DeployWeights, Source, TrainWeights
@@ -109,8 +109,9 @@ def _unwrap(obj: object, path: Path, key: str | None) -> tuple[dict[str, torch.T
     raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
 
 
-def read_checkpoint(path: str | os.PathLike, key: str | None = None) -> RawCheckpoint:
-    """Load a ``.pth``/``.pt`` (tensors only, never code) or ``.safetensors`` file and unwrap it."""
+def read_checkpoint(path: str | os.PathLike, key: str | None = None, prefix: str | None = None) -> RawCheckpoint:
+    """Load a ``.pth``/``.pt`` (tensors only, never code) or ``.safetensors`` file and unwrap it;
+    ``prefix`` (``backbone.``) keeps only the tensors under it, the prefix stripped."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
@@ -130,8 +131,10 @@ def read_checkpoint(path: str | os.PathLike, key: str | None = None) -> RawCheck
             raise CheckpointError(_describe_load_failure(path, exc)) from None
         tensors, wrapper_dict, wrapper = _unwrap(obj, path, key)
         extras = {k: wrapper_dict[k] for k in ("meta", "preprocess") if isinstance(wrapper_dict.get(k), dict)}
-    for prefix in _WRAPPER_PREFIXES:
-        tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+    for wrapper_prefix in _WRAPPER_PREFIXES:
+        tensors = {k.removeprefix(wrapper_prefix): v for k, v in tensors.items()}
+    if prefix:
+        tensors = select_prefix(tensors, prefix, path)
     return RawCheckpoint(tensors, extras, wrapper, path, sha256_file(path))
 
 
@@ -141,13 +144,18 @@ def _conv_key(deploy: bool) -> str:
 
 
 def infer_spec(tensors: Mapping[str, torch.Tensor], deploy: bool) -> ArchSpec:
-    """The architecture the tensor shapes describe, named after the zoo variant it matches."""
+    """The architecture the tensor shapes describe, named after the zoo variant it matches.
+
+    Without any ``linear.*`` tensor it is a headless backbone (``num_classes`` None), as a
+    detector's or segmenter's state dict holds it under ``backbone.``.
+    """
     conv = _conv_key(deploy)
     stem = tensors.get(f"stage0.{conv}")
     head = tensors.get("linear.weight")
     if stem is None or stem.dim() != 4:
         raise CheckpointError(f"cannot infer the architecture: no 4-d stem kernel stage0.{conv}")
-    if head is None or head.dim() != 2:
+    headless = not any(k.startswith("linear.") for k in tensors)
+    if not headless and (head is None or head.dim() != 2):
         raise CheckpointError("cannot infer the architecture: no 2-d classifier weight linear.weight")
     found: dict[int, dict[int, torch.Size]] = {}
     pattern = re.compile(rf"^stage(\d+)\.(\d+)\.{re.escape(conv)}$")
@@ -178,7 +186,7 @@ def infer_spec(tensors: Mapping[str, torch.Tensor], deploy: bool) -> ArchSpec:
         stem_width=stem.shape[0],
         block_groups=tuple(groups),
         se="stage0.se.down.weight" in tensors,
-        num_classes=head.shape[0],
+        num_classes=None if headless else head.shape[0],
         in_channels=stem.shape[1],
     )
     return identify(spec)
@@ -219,6 +227,8 @@ def validate(tensors: Mapping[str, torch.Tensor], spec: ArchSpec, deploy: bool, 
 
 def _resolve_spec(tensors: Mapping[str, torch.Tensor], deploy: bool, arch: str | None, num_classes: int | None) -> ArchSpec:
     inferred = infer_spec(tensors, deploy)
+    if num_classes is not None and inferred.headless:
+        raise CheckpointError(f"--num-classes {num_classes}: the checkpoint has no classifier (a headless backbone)")
     if num_classes is not None and num_classes != inferred.num_classes:
         raise CheckpointError(
             f"--num-classes {num_classes} does not match the checkpoint's classifier, which has {inferred.num_classes} classes"
@@ -294,14 +304,15 @@ def load_train_weights(
     num_classes: int | None = None,
     key: str | None = None,
     bn_eps: float = DEFAULT_BN_EPS,
+    prefix: str | None = None,
 ) -> TrainWeights:
     """A multi-branch checkpoint in any supported layout, validated against its architecture."""
-    return _train_weights(read_checkpoint(path, key), arch, num_classes, bn_eps)
+    return _train_weights(read_checkpoint(path, key, prefix), arch, num_classes, bn_eps)
 
 
-def load_deploy_weights(path: str | os.PathLike, key: str | None = None) -> DeployWeights:
+def load_deploy_weights(path: str | os.PathLike, key: str | None = None, prefix: str | None = None) -> DeployWeights:
     """A fused checkpoint: one written by ``rvdeploy fuse`` or an official deploy-form state dict."""
-    return _deploy_weights(read_checkpoint(path, key))
+    return _deploy_weights(read_checkpoint(path, key, prefix))
 
 
 def load_weights(
@@ -310,9 +321,11 @@ def load_weights(
     num_classes: int | None = None,
     key: str | None = None,
     bn_eps: float = DEFAULT_BN_EPS,
+    prefix: str | None = None,
 ) -> TrainWeights | DeployWeights:
-    """Either form, whichever the file holds (``arch`` and the rest apply to training form)."""
-    raw = read_checkpoint(path, key)
+    """Either form, whichever the file holds (``arch`` and the rest apply to training form;
+    ``prefix`` selects a backbone inside a larger state dict)."""
+    raw = read_checkpoint(path, key, prefix)
     if detect_layout(list(raw.tensors)).name == "official-deploy":
         return _deploy_weights(raw)
     return _train_weights(raw, arch, num_classes, bn_eps)

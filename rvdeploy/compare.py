@@ -22,6 +22,15 @@ NOISE_MARGIN = 10.0
 # Floor: a few float32 ulps, so a tiny, lucky noise measurement cannot fail a correct result.
 NOISE_FLOOR = 16 * FLOAT32_EPS
 
+# A fold's local rounding bound (checkpoint folds and graph folds): a dot product of n terms rounds
+# by at most n u times the sum of its absolute terms. SAFETY covers the worst case (real rounding is
+# far smaller, ~sqrt(n) u); EXTRA_TERMS the operations beyond the kernel's dot product (BN scale
+# and shift, the branch sum, the folded kernel's sum).
+U32 = FLOAT32_EPS / 2
+U64 = float(np.finfo(np.float64).eps) / 2
+SAFETY = 8
+EXTRA_TERMS = 10
+
 
 def _array(values) -> np.ndarray:
     if hasattr(values, "detach"):  # a torch tensor
@@ -37,15 +46,32 @@ def relative_error(value, reference) -> float:
 
 
 def sqnr_db(value, reference) -> float:
-    """Signal-to-quantization-noise ratio, 10 log10(sum ref^2 / sum (value - ref)^2); inf when equal."""
+    """Signal-to-quantization-noise ratio, 10 log10(sum ref^2 / sum (value - ref)^2); inf when equal,
+    -inf for a zero reference, NaN when either is not finite."""
     value, reference = _array(value), _array(reference)
-    noise = float(((value - reference) ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(float((reference ** 2).sum()) / noise)
+    if not (np.isfinite(value).all() and np.isfinite(reference).all()):
+        return math.nan
+    noise, signal = float(((value - reference) ** 2).sum()), float((reference ** 2).sum())
+    if noise == 0:
+        return math.inf
+    return -math.inf if signal == 0 else 10 * math.log10(signal / noise)
 
 
 def float32_budget(noise_rel: float) -> float:
     """What float32 explains for a computation whose reference float32 noise is ``noise_rel``."""
     return max(NOISE_MARGIN * noise_rel, NOISE_FLOOR)
+
+
+def json_safe(value):
+    """Tuples become lists, non-finite floats (an overflowing float32 net, identical outputs' SQNR)
+    None: JSON has no inf or NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

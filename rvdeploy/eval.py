@@ -70,12 +70,20 @@ def evaluate(runner: Runner, images: ImageSet, recipe: Preprocess | None = None,
     return run_evaluation(runner, images, recipe, batch_size, show_progress).accuracy
 
 
+def require_classifier(runner: Runner) -> None:
+    """Refuse a model with no (batch, classes) logits output, a backbone's feature maps say: no top-1 to take."""
+    if not runner.is_classifier:
+        outputs = ", ".join(runner.output_names)
+        raise DataError(f"{runner.name} has no classifier output ([N, C] logits; it gives {outputs}): eval needs one")
+
+
 def run_evaluation(runner: Runner, images: ImageSet, recipe: Preprocess | None = None, batch_size: int = 64,
                    show_progress: bool = False) -> Evaluation:
     """:func:`evaluate`, keeping the logits."""
     recipe = recipe or runner.preprocess
     if recipe is None:
         raise DataError(f"{runner.name} carries no preprocessing recipe: give --mean, --std and --input-size")
+    require_classifier(runner)
     if runner.num_classes is not None and len(images.classes) != runner.num_classes:
         raise DataError(
             f"the data has {len(images.classes)} class folders, {runner.name} has {runner.num_classes} classes"

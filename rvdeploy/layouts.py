@@ -79,6 +79,19 @@ LAYOUTS = (
 )
 
 
+def select_prefix(tensors: dict, prefix: str, where: object) -> dict:
+    """The entries under ``prefix`` (a detector's ``backbone.``), with the prefix stripped.
+
+    A user error names the prefix and the top-level prefixes the checkpoint does have.
+    """
+    selected = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix) and k != prefix}
+    if not selected:
+        tops = sorted({k.split(".", 1)[0] + ("." if "." in k else "") for k in tensors})
+        shown = ", ".join(tops[:8]) + (f" and {len(tops) - 8} more" if len(tops) > 8 else "")
+        raise CheckpointError(f"{where} has no tensors under the prefix {prefix!r}; its top-level prefixes are: {shown or 'none'}")
+    return selected
+
+
 def detect_layout(keys: list[str]) -> Layout:
     found = [layout for layout in LAYOUTS if any(layout.marker.search(k) for k in keys)]
     if not found:

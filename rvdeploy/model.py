@@ -89,22 +89,46 @@ class RepVGG(nn.Module):
         super().__init__()
         self.spec = spec
         self.deploy = deploy
+        self.output_stages: tuple[int, ...] | None = None
         blocks = iter(spec.blocks)
         self.stage0 = RepVGGBlock(next(blocks), deploy, bn_eps)
         for stage, depth in enumerate(spec.depths, start=1):
             self.add_module(
                 f"stage{stage}", nn.Sequential(*(RepVGGBlock(next(blocks), deploy, bn_eps) for _ in range(depth)))
             )
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(spec.num_features, spec.num_classes)
+        if not spec.headless:  # a headless backbone ends at its last stage
+            self.gap = nn.AdaptiveAvgPool2d(1)
+            self.linear = nn.Linear(spec.num_features, spec.num_classes)
 
     def stages(self) -> list[nn.Module]:
         return [self.stage0] + [getattr(self, f"stage{s}") for s in range(1, len(self.spec.depths) + 1)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stage_outputs(self, x: torch.Tensor, stages: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """The outputs of ``stages`` (0 is the stem), running no stage beyond the last one asked for."""
+        outputs = {}
+        for index, stage in enumerate(self.stages()[: max(stages) + 1]):
+            x = stage(x)
+            outputs[index] = x
+        return tuple(outputs[s] for s in stages)
+
+    def as_backbone(self, stages: tuple[int, ...]) -> RepVGG:
+        """From now on ``forward`` gives the feature maps of ``stages`` (what a detector's neck reads).
+        The module keeps its names, so an export's node names stay ``/stageN/stageN.i/...``."""
+        self.output_stages = tuple(stages)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Logits; with :meth:`as_backbone` the stage outputs; a headless net gives its last stage's map."""
+        if self.output_stages:
+            return self.stage_outputs(x, self.output_stages)
         for stage in self.stages():
             x = stage(x)
-        return self.linear(torch.flatten(self.gap(x), 1))
+        return x if self.spec.headless else self.linear(torch.flatten(self.gap(x), 1))
+
+
+def as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A net's output as a tuple: one tensor for a classifier, one per stage for a backbone."""
+    return out if isinstance(out, tuple) else (out,)
 
 
 def build_model(

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 
-from rvdeploy.errors import OnnxError, first_line
+from rvdeploy.errors import OnnxError, OutputError, first_line
 from rvdeploy.files import atomic_output
 
 METADATA_PREFIX = "rvdeploy."
@@ -31,6 +32,8 @@ def load_onnx(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelP
         raise OnnxError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
     try:
         model = onnx.load(str(path), load_external_data=load_weights)
+    except onnx.checker.ValidationError as exc:  # onnx.load's error for an external-data file it cannot read
+        raise OnnxError(f"{path}: its external data cannot be read ({first_line(exc)})") from None
     except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError) as exc:
         raise OnnxError(f"{path} is not an ONNX model ({first_line(exc)})") from None
     if not model.graph.node:
@@ -81,11 +84,34 @@ def with_min_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, full_check: bool = False) -> Path:
     """Check ``model`` and write it atomically, byte-deterministically; an existing file is replaced
-    only by a complete graph."""
-    onnx.checker.check_model(model, full_check=full_check)
+    only by a complete graph. Over protobuf's 2 GB the weights go to ``OUT.data`` beside it."""
     path = Path(path)
+    if model.ByteSize() > _PROTO_LIMIT:
+        return _save_with_external_data(model, path, full_check)
+    onnx.checker.check_model(model, full_check=full_check)
     with atomic_output(path) as tmp:
         tmp.write_bytes(model.SerializeToString(deterministic=True))
+    return path
+
+
+def _save_with_external_data(model: onnx.ModelProto, path: Path, full_check: bool) -> Path:
+    """``path`` plus its weights in ``path.name + '.data'``, both staged under temporary names and
+    checked there (the checker cannot hold such a model in one protobuf) before they replace anything."""
+    if not path.parent.is_dir():
+        raise OutputError(f"output directory {path.parent} does not exist")
+    data_name = path.name + ".data"
+    staged_model = onnx.ModelProto()
+    staged_model.CopyFrom(model)  # saving with external data moves the tensors out of the model it is given
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        try:
+            onnx.save_model(staged_model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            onnx.checker.check_model(str(staged), full_check=full_check)
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+            os.replace(staged, path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -138,12 +164,13 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
 # -- ONNX Runtime ----------------------------------------------------------------------------
 def ort_session(model: str | os.PathLike | bytes, device: str = "cpu", threads: int | None = None,
-                name: str | None = None):
+                name: str | None = None, spinning: bool = True):
     """An ONNX Runtime session on ``device``; :class:`OnnxError` naming the graph when ORT refuses it.
 
     Idle worker threads keep ONNX Runtime's default (they spin), as in deployment: ``bench`` times the
     model and the reference workload in blocks, not call by call, so they do not steal cores from each
-    other (turning spinning off doubled the gate model's p50 at batch 4).
+    other (turning spinning off doubled the gate model's p50 at batch 4). ``spinning=False`` is for
+    sessions timed call by call in turn, whose spinning pools would steal each other's cores.
     """
     import onnxruntime as ort
 
@@ -156,6 +183,8 @@ def ort_session(model: str | os.PathLike | bytes, device: str = "cpu", threads: 
     options.log_severity_level = ORT_QUIET  # its errors reach the user as rvdeploy's one line (OnnxError)
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     in_memory = isinstance(model, bytes)
     try:
         return ort.InferenceSession(model if in_memory else str(model), options, providers=providers)

@@ -2,6 +2,7 @@
 
     from rvdeploy import pipeline
     fused = pipeline.fuse_checkpoint("train.pth", "fused.pth", pipeline.LoadOptions(bn_eps=1e-3))
+    plain = pipeline.fuse_graph("unfolded.onnx", "plain.onnx")       # any framework's multi-branch graph
     pipeline.export_model("train.pth", "model.onnx", pipeline.ExportOptions(input_size=(224, 224)))
     pipeline.quantize_model("model.onnx", "int8.onnx", pipeline.Int8Options(calib_dir="calib/"))
     pipeline.build("model.onnx", "model.engine", pipeline.BuildOptions(precision=pipeline.Fp16Options()))
@@ -27,9 +28,10 @@ from rvdeploy.compare import Comparison
 from rvdeploy.data import labelled_folder
 from rvdeploy.engine.build import BuildResult, BuildSettings, build_engine
 from rvdeploy.errors import RvdeployError
-from rvdeploy.eval import Evaluation, run_evaluation
-from rvdeploy.export import ExportOptions, export_onnx
+from rvdeploy.eval import Evaluation, require_classifier, run_evaluation
+from rvdeploy.export import ExportOptions, export_onnx, feature_stages
 from rvdeploy.files import atomic_output
+from rvdeploy.graphfold import GraphFoldOptions, GraphFoldReport, fold_onnx_file
 from rvdeploy.gate import GateResult, check_regression, load_baseline
 from rvdeploy.model import DEFAULT_BN_EPS
 from rvdeploy.precision.fp16 import Fp16Report
@@ -42,9 +44,10 @@ from rvdeploy.verify import VerifyReport, verify
 from rvdeploy.weights import DeployWeights, TrainWeights
 
 __all__ = [
-    "BenchOptions", "BenchSettings", "BuildOptions", "BuildSettings", "EvalOptions", "ExportOptions", "Fp16Options", "Fp16Report", "Int8Report",
+    "BenchOptions", "BenchSettings", "BuildOptions", "BuildSettings", "EvalOptions", "ExportOptions", "Fp16Options", "Fp16Report",
+    "GraphFoldOptions", "GraphFoldReport", "Int8Report",
     "Int8Options", "LoadOptions", "bench", "build", "describe_checkpoint", "evaluate_models", "export_model",
-    "fuse_checkpoint", "quantize_model", "verify_model",
+    "fuse_checkpoint", "fuse_graph", "quantize_model", "verify_model",
 ]
 
 
@@ -56,9 +59,10 @@ class LoadOptions:
     num_classes: int | None = None
     key: str | None = None  # the entry of a wrapped checkpoint that holds the weights
     bn_eps: float = DEFAULT_BN_EPS
+    prefix: str | None = None  # a detector's backbone.: only the tensors under it, headless
 
     def load(self, path: str | os.PathLike) -> TrainWeights | DeployWeights:
-        return load_weights(path, self.arch, self.num_classes, self.key, self.bn_eps)
+        return load_weights(path, self.arch, self.num_classes, self.key, self.bn_eps, self.prefix)
 
 
 # -- fuse, info, export, verify --------------------------------------------------------------
@@ -75,10 +79,15 @@ def fuse_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, lo
                     probe_size: int = 64) -> FuseResult:
     """Fold a training checkpoint, prove the fold block by block, write the fused checkpoint."""
     start = time.perf_counter()
-    train = load_train_weights(checkpoint, load.arch, load.num_classes, load.key, load.bn_eps)
+    train = load_train_weights(checkpoint, load.arch, load.num_classes, load.key, load.bn_eps, load.prefix)
     deploy, report = fuse(train, probe_size=probe_size)
     save_deploy_weights(deploy, output)
     return FuseResult(train, deploy, report, Path(output), time.perf_counter() - start)
+
+
+def fuse_graph(model: str | os.PathLike, output: str | os.PathLike, options: GraphFoldOptions | None = None) -> GraphFoldReport:
+    """Fold the re-parameterizable branch groups of any ONNX graph, prove each group, write the plain graph."""
+    return fold_onnx_file(model, output, options or GraphFoldOptions())
 
 
 def describe_checkpoint(checkpoint: str | os.PathLike, input_size: tuple[int, int] | None = None,
@@ -129,6 +138,7 @@ def export_model(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, op
     trained = isinstance(weights, TrainWeights)
     if not fold and not trained:
         raise RvdeployError(f"{checkpoint} is already fused: --no-fuse needs a training checkpoint")
+    feature_stages(weights.spec, options)  # a headless net without --features: say so before the fold
     report = None
     if trained and fold:
         weights, report = fuse(weights)
@@ -218,6 +228,7 @@ def evaluate_models(models: list[str | os.PathLike], data_dir: str | os.PathLike
     evaluations = []
     for path in models:
         with open_runner(path, device=options.device, bn_eps=options.bn_eps) as runner:
+            require_classifier(runner)
             recipe = options.recipe or runner.preprocess
             if recipe is None:
                 raise RvdeployError(f"{path} carries no preprocessing recipe: give --mean, --std and --input-size")

@@ -16,18 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from rvdeploy.arch import BlockSpec
-from rvdeploy.compare import compare_outputs, relative_error
+from rvdeploy.compare import EXTRA_TERMS, SAFETY, U64, compare_outputs, json_safe, relative_error
 from rvdeploy.errors import FoldError
 from rvdeploy.model import RepVGGBlock, SqueezeExcite, build_model
 from rvdeploy.weights import DeployWeights, TrainWeights
-
-# Unit roundoff of float64.
-U64 = torch.finfo(torch.float64).eps / 2
-# Safety factor over the worst-case rounding bound (real rounding is far smaller, ~sqrt(n) u).
-SAFETY = 8
-# Operations beyond the 3x3 dot product: BN scale and shift, the branch sum, the folded kernel's sum.
-EXTRA_TERMS = 10
-
 
 def _bn_scale(bn: dict[str, torch.Tensor], eps: float, name: str) -> torch.Tensor:
     var_eps = bn["running_var"].double() + eps
@@ -102,8 +94,9 @@ def fold(weights: TrainWeights) -> dict[str, torch.Tensor]:
                 for kind in ("weight", "bias"):
                     key = f"{block.name}.se.{part}.{kind}"
                     folded[key] = weights.tensors[key].double()
-    for kind in ("weight", "bias"):
-        folded[f"linear.{kind}"] = weights.tensors[f"linear.{kind}"].double()
+    if not weights.spec.headless:  # a backbone has no classifier
+        for kind in ("weight", "bias"):
+            folded[f"linear.{kind}"] = weights.tensors[f"linear.{kind}"].double()
     return folded
 
 
@@ -156,18 +149,7 @@ class FoldReport:
         data = asdict(self)
         data.update(worst_block=self.worst_block, worst_block_ratio=self.worst_block_ratio,
                     worst_block_rel_error=self.worst_block_rel_error)
-        return _json_safe(data)
-
-
-def _json_safe(value):
-    """Tuples become lists, non-finite floats (an overflowing float32 net) None: JSON has no inf or NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+        return json_safe(data)
 
 
 def _conv_and_output(block: RepVGGBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,20 @@
 """Graph verification with onnx-graphsurgeon, and numeric parity with ONNX Runtime.
 
 A deployable RepVGG graph is one chain: input → (Conv 3x3 → [SE] → Relu) × layers →
-GlobalAveragePool → Flatten → Gemm → output. Every violation names the node it was found at.
+GlobalAveragePool → Flatten → Gemm → output; a backbone export ends at its last feature stage
+instead, each requested stage's output a graph output. Every violation names the node it was found at.
+
+A graph rvdeploy did not write (no rvdeploy metadata) has no recipe to be checked against: it gets
+the ONNX checker, an ONNX Runtime load and a lint counting the re-parameterizable structures still
+in it (what ``rvdeploy fuse MODEL.onnx`` would fold).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,8 +22,10 @@ import onnx_graphsurgeon as gs
 import torch
 
 from rvdeploy.arch import ArchSpec, BlockSpec
-from rvdeploy.errors import RvdeployError
 from rvdeploy.compare import compare_outputs
+from rvdeploy.errors import RvdeployError
+from rvdeploy.graphfold import BN_GEMM, CONV_BN, PARALLEL, find_foldable
+from rvdeploy.model import as_tuple
 from rvdeploy.onnx_io import load_onnx, ort_session, read_metadata, run_session
 from rvdeploy.preprocess import parse_size
 from rvdeploy.weights import DeployWeights, TrainWeights
@@ -51,6 +60,8 @@ class Parity:
     tolerance_rel: float
     reference: str  # what ONNX Runtime was compared with
     passed: bool
+    outputs: tuple[str, ...] = ()  # every graph output compared
+    worst_output: str | None = None  # the one closest to (or furthest over) its tolerance
 
 
 @dataclass
@@ -61,6 +72,14 @@ class VerifyReport:
     conv_layers: int
     violations: list[Violation] = field(default_factory=list)
     parity: Parity | None = None
+    outputs: tuple[str, ...] = ()  # the graph's outputs: several for a backbone (feature) export
+    foreign: bool = False  # no rvdeploy metadata: checked by the lint, not against a recipe
+    foldable: dict[str, int] = field(default_factory=dict)  # foreign graphs: foldable groups left, by kind
+    left_alone: list[dict] = field(default_factory=list)  # foreign graphs: look-alikes the fold would leave, and why
+
+    @property
+    def foldable_groups(self) -> int:
+        return sum(self.foldable.values())
 
     @property
     def ok(self) -> bool:
@@ -70,6 +89,7 @@ class VerifyReport:
         data = asdict(self)
         data["ok"] = self.ok
         data["violations"] = [asdict(v) for v in self.violations]
+        data["foldable_groups"] = self.foldable_groups
         return data
 
 
@@ -145,10 +165,13 @@ class _Walker:
             raise _ChainBroken
         return mul.outputs[0]
 
-    def walk(self, spec: ArchSpec | None) -> int:
-        """Walk the chain; return the number of body convs passed."""
+    def walk(self, spec: ArchSpec | None, stages: tuple[int, ...] = ()) -> int:
+        """Walk the chain; return the number of body convs passed. With feature ``stages`` the chain ends
+        at the last feature stage, whose outputs must be the graph's outputs."""
         tensor = self.graph.inputs[0]
-        blocks = list(spec.blocks) if spec else None
+        blocks = list(_checked_blocks(spec, stages)) if spec else None
+        stage_ends = {spec.blocks_through(s): s for s in stages} if stages else {}
+        stage_outputs: dict[int, gs.Tensor] = {}
         layers, after = 0, "the graph input"
         while blocks is None or layers < len(blocks):
             consumers = tensor.outputs
@@ -162,12 +185,22 @@ class _Walker:
             relu = self.next_node(features, {"Relu"}, conv.name)
             tensor, after = relu.outputs[0], relu.name
             layers += 1
+            if layers in stage_ends:
+                stage_outputs[stage_ends[layers]] = tensor
+        if stages:
+            self.check_feature_outputs([stage_outputs[s] for s in sorted(stages)], tensor.inputs[0])
+            return layers
         pool = self.next_node(tensor, {"GlobalAveragePool"}, after)
         flat = self.next_node(pool.outputs[0], {"Flatten", "Reshape"}, pool.name)
         gemm = self.next_node(flat.outputs[0], {"Gemm"}, flat.name)
         if gemm.outputs[0] not in self.graph.outputs:
             self.fail(gemm, "the classifier's output is not the graph output")
         return layers
+
+    def check_feature_outputs(self, expected: list[gs.Tensor], last: gs.Node) -> None:
+        names = [t.name for t in self.graph.outputs]
+        if names != [t.name for t in expected]:
+            self.fail(last, f"the graph outputs {names} are not the feature stages' outputs {[t.name for t in expected]}")
 
 
 def check_graph(model: onnx.ModelProto, path: str = "<model>") -> VerifyReport:
@@ -177,17 +210,20 @@ def check_graph(model: onnx.ModelProto, path: str = "<model>") -> VerifyReport:
     try:  # the recipe the checks are measured against; a damaged one cannot be checked against
         spec = ArchSpec.from_dict(meta["arch_spec"]) if "arch_spec" in meta else None
         input_size = list(parse_size(meta["input_size"])) if "input_size" in meta else None
+        features = _features(meta, spec)
     except RvdeployError as exc:
         raise VerifyError(f"{path}: its rvdeploy metadata is malformed: {exc}") from None
     if spec is None:
         violations.append(Violation("<graph>", "-", "no rvdeploy metadata: the layer count and groups cannot be checked"))
     graph = gs.import_onnx(model)
-    allowed = BODY_OPS | HEAD_OPS | {"Reshape"} | (SE_OPS if spec is None or spec.se else set())
+    allowed = BODY_OPS | (set() if features else HEAD_OPS | {"Reshape"}) | (SE_OPS if spec is None or spec.se else set())
     for node in graph.nodes:
         if node.op not in allowed:
             violations.append(Violation(node.name, node.op, f"{node.op} does not belong in a plain RepVGG graph"))
-    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-        violations.append(Violation("<graph>", "-", f"{len(graph.inputs)} inputs and {len(graph.outputs)} outputs, expected 1 and 1"))
+    expected_outputs = len(features) or 1
+    if len(graph.inputs) != 1 or len(graph.outputs) != expected_outputs:
+        violations.append(Violation("<graph>", "-", f"{len(graph.inputs)} inputs and {len(graph.outputs)} outputs, "
+                                                    f"expected 1 and {expected_outputs}"))
     else:
         shape = graph.inputs[0].shape or []
         expected_chw = [spec.in_channels, *input_size] if spec and input_size else None
@@ -197,7 +233,7 @@ def check_graph(model: onnx.ModelProto, path: str = "<model>") -> VerifyReport:
     layers = 0
     if len(graph.inputs) == 1:
         try:
-            layers = walker.walk(spec)
+            layers = walker.walk(spec, features)
         except _ChainBroken:
             pass
         else:
@@ -205,18 +241,38 @@ def check_graph(model: onnx.ModelProto, path: str = "<model>") -> VerifyReport:
                 if id(node) not in walker.visited:
                     violations.append(Violation(node.name, node.op, "not on the chain from input to output"))
     convs = sum(1 for n in graph.nodes if n.op == "Conv")
-    se_convs = 2 * sum(1 for b in spec.blocks if b.se_channels) if spec else 0
-    if spec is not None and convs - se_convs != len(spec.blocks):
+    blocks = _checked_blocks(spec, features) if spec else ()
+    se_convs = 2 * sum(1 for b in blocks if b.se_channels)
+    if spec is not None and convs - se_convs != len(blocks):
         violations.append(Violation(
-            "<graph>", "-", f"{convs - se_convs} body Conv nodes, {spec.name} has {len(spec.blocks)} layers"
+            "<graph>", "-", f"{convs - se_convs} body Conv nodes, {spec.name} has {len(blocks)} layers"
+            + (f" up to stage {max(features)}" if features else "")
         ))
     return VerifyReport(
         path=path,
         arch=spec.name if spec else None,
-        expected_layers=len(spec.blocks) if spec else None,
+        expected_layers=len(blocks) if spec else None,
         conv_layers=layers,
         violations=violations,
+        outputs=tuple(t.name for t in graph.outputs),
     )
+
+
+def _checked_blocks(spec: ArchSpec, stages: tuple[int, ...]) -> tuple[BlockSpec, ...]:
+    """The blocks a graph must hold: all of them, or a backbone's up to its last feature stage."""
+    return spec.blocks[: spec.blocks_through(max(stages))] if stages else spec.blocks
+
+
+def _features(meta: dict, spec: ArchSpec | None) -> tuple[int, ...]:
+    """The feature stages a backbone export gives (empty for a classifier), checked against its spec."""
+    features = meta.get("features")
+    if features is None:
+        return ()
+    last = spec.num_stages - 1 if spec else -1
+    if (not isinstance(features, list) or not features or len(set(features)) != len(features)
+            or not all(isinstance(f, int) and not isinstance(f, bool) and 0 <= f <= last for f in features)):
+        raise VerifyError(f"rvdeploy.features {str(features)[:40]} is not a list of distinct stages 0..{last}")
+    return tuple(sorted(features))
 
 
 def check_parity(
@@ -224,8 +280,10 @@ def check_parity(
     weights: TrainWeights | DeployWeights,
     batches: tuple[int, ...] = (1, 3),
     seed: int = 0,
+    features: tuple[int, ...] = (),
 ) -> Parity:
-    """ONNX Runtime on the graph vs. the torch net of ``weights`` on seeded probe batches."""
+    """ONNX Runtime on the graph vs. the torch net of ``weights`` on seeded probe batches; with
+    ``features`` (a backbone export) every stage output against the torch net's, each on its own scale."""
     session = ort_session(path)
     feed = session.get_inputs()[0]
     _, channels, height, width = feed.shape
@@ -234,31 +292,76 @@ def check_parity(
     if (channels, height, width) != (weights.spec.in_channels, *feed.shape[2:]) or not isinstance(height, int):
         raise VerifyError(f"graph input {feed.shape} does not fit {weights.spec.name}'s {weights.spec.in_channels} channels")
     model32, model64 = weights.to_module(), weights.to_module(torch.float64)
+    if features:
+        model32.as_backbone(features)
+        model64.as_backbone(features)
+    elif weights.spec.headless:
+        raise VerifyError(f"{weights.spec.name} has no classifier: it can only be compared with a --features export")
+    names = [o.name for o in session.get_outputs()]
     generator = torch.Generator().manual_seed(seed)
-    got, expected32, expected64 = [], [], []
+    got, expected32, expected64 = [], [], []  # per batch, per output
     for batch in batches:
         x = torch.randn(batch, channels, height, width, generator=generator)
         with torch.inference_mode():
-            expected32.append(model32(x).numpy())
-            expected64.append(model64(x.double()).numpy())
-        got.append(run_session(session, {feed.name: x.numpy()}, path)[0])
-        if got[-1].shape != expected32[-1].shape:
-            raise VerifyError(f"ONNX Runtime output shape {got[-1].shape}, torch gives {expected32[-1].shape}")
-    comparison = compare_outputs(np.concatenate(got), np.concatenate(expected64), np.concatenate(expected32))
+            expected32.append([t.numpy() for t in as_tuple(model32(x))])
+            expected64.append([t.numpy() for t in as_tuple(model64(x.double()))])
+        got.append(run_session(session, {feed.name: x.numpy()}, path))
+        shapes, torch_shapes = [g.shape for g in got[-1]], [e.shape for e in expected32[-1]]
+        if shapes != torch_shapes:
+            raise VerifyError(f"ONNX Runtime output shapes {shapes}, torch gives {torch_shapes}")
+    comparisons = [
+        compare_outputs(*(np.concatenate([per_batch[i] for per_batch in runs]) for runs in (got, expected64, expected32)))
+        for i in range(len(names))
+    ]
+    worst = max(range(len(names)), key=lambda i: comparisons[i].max_rel_error / comparisons[i].budget_rel)
     return Parity(
         batches=tuple(batches),
-        max_abs_error=comparison.max_abs_error,
-        max_rel_error=comparison.max_rel_error,
-        float32_noise_rel=comparison.noise_rel,
-        tolerance_rel=comparison.budget_rel,
+        max_abs_error=max(c.max_abs_error for c in comparisons),
+        max_rel_error=comparisons[worst].max_rel_error,
+        float32_noise_rel=comparisons[worst].noise_rel,
+        tolerance_rel=comparisons[worst].budget_rel,
         reference=f"{weights.form} torch model",
-        passed=bool(comparison.passed),
+        passed=all(bool(c.passed) for c in comparisons),
+        outputs=tuple(names),
+        worst_output=names[worst],
+    )
+
+
+FOLDABLE_LABELS = {PARALLEL: "foldable branch groups", CONV_BN: "Conv → BatchNormalization pairs",
+                   BN_GEMM: "BatchNormalization → Gemm pairs"}
+
+
+def lint_foreign(model: onnx.ModelProto, path: str | os.PathLike) -> VerifyReport:
+    """A graph rvdeploy did not write: the checker has passed (``load_onnx``); ONNX Runtime must load
+    it, and no re-parameterizable structure may be left in it."""
+    ort_session(path)
+    groups, left_alone = find_foldable(model)
+    foldable = dict(Counter(g.kind for g in groups))
+    violations = []
+    if groups:
+        left = " and ".join(f"{foldable[kind]} {label}" for kind, label in FOLDABLE_LABELS.items() if kind in foldable)
+        violations.append(Violation("<graph>", "-", f"{left}: run `rvdeploy fuse {Path(path).name} -o PLAIN.onnx`"))
+    graph = model.graph
+    return VerifyReport(
+        path=str(path),
+        arch=None,
+        expected_layers=None,
+        conv_layers=sum(1 for n in graph.node if n.op_type == "Conv"),
+        violations=violations,
+        outputs=tuple(o.name for o in graph.output),
+        foreign=True,
+        foldable=foldable,
+        left_alone=[{"node": x.node, "reason": x.reason} for x in left_alone],
     )
 
 
 def verify(path: str | os.PathLike, weights: TrainWeights | DeployWeights | None = None) -> VerifyReport:
-    """Check the graph at ``path``; with ``weights`` also compare ONNX Runtime against torch."""
-    report = check_graph(load_onnx(path), str(path))
+    """Check the graph at ``path`` (an rvdeploy export against its recipe, any other graph by the
+    lint); with ``weights`` also compare ONNX Runtime against torch."""
+    model = load_onnx(path)
+    meta = read_metadata(model)
+    report = check_graph(model, str(path)) if meta else lint_foreign(model, path)
+    features = tuple(sorted(meta.get("features") or ()))  # check_graph has validated them
     if weights is not None:
-        report.parity = check_parity(path, weights)
+        report.parity = check_parity(path, weights, features=features)
     return report

@@ -80,18 +80,20 @@ def small_state(small_spec) -> dict[str, torch.Tensor]:
     return trained_like_state_dict(small_spec, seed=1)
 
 
-def reference_logits(state: dict[str, torch.Tensor], spec: ArchSpec, bn_eps: float, x: torch.Tensor) -> torch.Tensor:
-    """The multi-branch net of an official-layout training state dict, in float64, written with
-    torch.nn.functional alone: a reference independent of every module rvdeploy builds."""
+def reference_stages(state: dict[str, torch.Tensor], spec: ArchSpec, bn_eps: float, x: torch.Tensor,
+                     dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """Every stage output (stem first) of the multi-branch net of an official-layout training state
+    dict, in ``dtype``, written with torch.nn.functional alone: a reference independent of every
+    module rvdeploy builds."""
     import torch.nn.functional as F
 
-    t = {k: v.double() for k, v in state.items() if v.is_floating_point()}
+    t = {k: v.to(dtype) for k, v in state.items() if v.is_floating_point()}
 
     def bn(y, prefix):
         return F.batch_norm(y, t[f"{prefix}.running_mean"], t[f"{prefix}.running_var"], t[f"{prefix}.weight"],
                             t[f"{prefix}.bias"], training=False, eps=bn_eps)
 
-    x = x.double()
+    x, stages = x.to(dtype), []
     for block in spec.blocks:
         p = block.name
         y = bn(F.conv2d(x, t[f"{p}.rbr_dense.conv.weight"], stride=block.stride, padding=1, groups=block.groups), f"{p}.rbr_dense.bn")
@@ -102,4 +104,15 @@ def reference_logits(state: dict[str, torch.Tensor], spec: ArchSpec, bn_eps: flo
             gate = F.relu(F.conv2d(y.mean((2, 3), keepdim=True), t[f"{p}.se.down.weight"], t[f"{p}.se.down.bias"]))
             y = y * torch.sigmoid(F.conv2d(gate, t[f"{p}.se.up.weight"], t[f"{p}.se.up.bias"]))
         x = F.relu(y)
-    return F.linear(x.mean((2, 3)), t["linear.weight"], t["linear.bias"])
+        if block.name == "stage0" or block.name.endswith(".0"):
+            stages.append(None)  # a new stage starts here; its output is its last block's
+        stages[-1] = x
+    return stages
+
+
+def reference_logits(state: dict[str, torch.Tensor], spec: ArchSpec, bn_eps: float, x: torch.Tensor) -> torch.Tensor:
+    """The float64 logits of :func:`reference_stages`' net."""
+    import torch.nn.functional as F
+
+    return F.linear(reference_stages(state, spec, bn_eps, x)[-1].mean((2, 3)), state["linear.weight"].double(),
+                    state["linear.bias"].double())

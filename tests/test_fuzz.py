@@ -393,8 +393,9 @@ def test_graphs_that_are_not_repvgg(tmp_path, graph, command):
     assert_user_outcome(result, {q: SENTINEL} if command.startswith("quantize") else {}, (tmp_path, out))
     if graph == "no-inputs":
         assert result.exit_code == 1 and "no-inputs.onnx" in result.stderr
-    elif command == "verify":
-        assert result.exit_code == 4
+    elif command == "verify":  # not an rvdeploy export: checker, ONNX Runtime load, and nothing to fold
+        report = json.loads(result.stdout)
+        assert result.exit_code == 0 and report["foreign"] and report["foldable_groups"] == 0
 
 
 def _train_state() -> dict[str, torch.Tensor]:
@@ -714,7 +715,7 @@ def test_quantize_graph_whose_weights_or_activations_are_not_finite(artifacts, t
     if weights == "nan":
         assert result.exit_code == 1 and "weight linear.weight has 1 NaN or infinite values" in result.stderr
     elif precision == "int8":
-        assert result.exit_code == 1 and "logits take NaN or infinite values" in result.stderr, result.stderr
+        assert result.exit_code == 1 and "logits" in result.stderr and "take NaN or infinite values" in result.stderr, result.stderr
 
 
 @pytest.fixture()

@@ -200,7 +200,8 @@ def test_calibration_cache_hits_and_misses(work, fp32):
     entries = json.loads(cache.read_text())["entries"]
     assert len(entries) == 3
     from rvdeploy.files import sha256_file
-    assert all(key.startswith(sha256_file(fp32)) for key in entries)
+    # Keyed by the graph calibrated: the equalized one (equalization is on by default), not the file given.
+    assert len({key.split(":")[0] for key in entries}) == 1 and not any(key.startswith(sha256_file(fp32)) for key in entries)
     cache.write_text("{not json")
     with pytest.raises(CalibrationError, match="is not readable JSON"):
         quantize_int8_file(fp32, work / "c5.onnx", Int8Options(CALIB, cache_path=cache, show_progress=False))
@@ -226,20 +227,22 @@ def outlier_model(work, fp32) -> Path:
 
 
 def test_accuracy_guard_falls_back_the_sensitive_layer(work, fp32, outlier_model):
+    # Without equalization (which would undo the outlier: tests/test_int8_guard.py), only the guard helps.
     assert abs(top1(outlier_model) - top1(fp32)) < 1e-9
-    plain = quantize_int8_file(outlier_model, work / "outlier_int8.onnx", Int8Options(CALIB, show_progress=False))
-    assert plain.fp32_nodes == []
+    plain = quantize_int8_file(outlier_model, work / "outlier_int8.onnx", Int8Options(CALIB, equalize=False, show_progress=False))
+    assert plain.fp32_nodes == [] and plain.fp16_nodes == []
     drop_unguarded = top1(fp32) - top1(work / "outlier_int8.onnx")
     assert drop_unguarded > 1.0
     guarded = quantize_int8_file(outlier_model, work / "guarded.onnx",
-                                 Int8Options(CALIB, val_dir=HELDOUT, max_top1_drop=0.5, show_progress=False))
+                                 Int8Options(CALIB, equalize=False, val_dir=HELDOUT, max_top1_drop=0.5, show_progress=False))
     report = guarded.guard
     assert report.met and report.fp32_top1 - report.final_top1 <= 0.5
     assert report.int8_top1 == pytest.approx(top1(fp32) - drop_unguarded)
-    assert guarded.fp32_nodes[0] == "/stage3/stage3.0/rbr_reparam/Conv"  # the layer reading the outlier channel
-    assert len(report.sensitivities) == 9 and len(guarded.fp32_nodes) < 9
+    assert report.fallback[0] == "/stage3/stage3.0/rbr_reparam/Conv"  # the layer reading the outlier channel
+    assert len(guarded.layers) == 9 and all(row.sqnr_db is not None for row in guarded.layers)
+    assert set(guarded.fp16_nodes) == set(report.fallback) and len(report.fallback) < 9  # TensorRT runs them in FP16
     model = onnx.load(work / "guarded.onnx")
-    assert read_metadata(model)["fp32_nodes"] == guarded.fp32_nodes
+    assert read_metadata(model)["fp16_nodes"] == guarded.fp16_nodes
     assert top1(fp32) - top1(work / "guarded.onnx") <= 0.5
 
 
@@ -254,7 +257,7 @@ def test_tensorrt_rtx_builds_every_produced_graph(work, builder, request, graph)
             request.getfixturevalue("outlier_model")
             if not (work / "guarded.onnx").exists():
                 quantize_int8_file(work / "outlier.onnx", work / "guarded.onnx",
-                                   Int8Options(CALIB, val_dir=HELDOUT, max_top1_drop=0.5, show_progress=False))
+                                   Int8Options(CALIB, equalize=False, val_dir=HELDOUT, max_top1_drop=0.5, show_progress=False))
         elif not (work / "fp16.onnx").exists():
             quantize_fp16(work / "fp32.onnx", work / "fp16.onnx")
         path = work / f"{graph}.onnx"

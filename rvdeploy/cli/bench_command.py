@@ -55,7 +55,8 @@ def _gate_table(gate, baseline: Path, max_regression: float) -> Table:
 @click.option("--min-s", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Timed seconds per configuration (at least).")
 @click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True, help="Timed iterations per configuration (at least).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (torch and ONNX Runtime).")
-@click.option("--input-size", type=SIZE, help="Input size (default: the model's, else 224).")
+@click.option("--input-size", type=SIZE, help="Input size for a graph whose size is dynamic (default: the model's recipe, else 224); "
+                                             "a graph with a fixed size runs at that size.")
 @bn_eps_option
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 @click.option("--markdown", is_flag=True, help="Print the table as markdown.")
@@ -88,6 +89,9 @@ def bench(targets, backend, device, batches, warmup_s, min_s, iters, threads, in
     for check in report.get("checks", []):
         console.print(f"{check['model']}: {check['candidate']} vs. {check['reference']} on one probe batch: max rel error "
                       f"{check['max_rel_error']:.3g} (float32 explains {check['budget_rel']:.3g})", highlight=False)
+    for skip in report.get("skipped_batches", []):
+        console.print(f"{skip['model']}: its graph has a fixed batch of {skip['fixed_batch']}: batches "
+                      f"{', '.join(map(str, skip['batches']))} skipped", highlight=False)
     for s in report.get("speedups", []):
         console.print(f"fused vs. multi-branch, batch {s['batch']}: {s['fused_vs_multi_branch']:.2f}x faster", highlight=False)
     if outcome.gate is None:

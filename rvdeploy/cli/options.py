@@ -54,6 +54,28 @@ def batch_list(ctx, param, value):
     return batches
 
 
+def feature_list(ctx, param, value):
+    """``--features 1,2,3,4``: distinct stage numbers (0 is the stem); checked against the net on export."""
+    if value is None:
+        return None
+    try:
+        stages = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of stage numbers, e.g. 1,2,3,4") from None
+    if len(set(stages)) != len(stages):
+        raise click.BadParameter(f"{value!r} names a stage twice")
+    if min(stages) < 0:
+        raise click.BadParameter(f"{value!r}: stages are numbered from 0 (the stem), e.g. 1,2,3,4")
+    return stages
+
+
+def prefix_option(command):
+    """``--prefix``: the backbone inside a detector's or segmenter's state dict."""
+    return click.option(
+        "--prefix", help="Take only the tensors under this prefix (e.g. backbone.), stripped: a headless backbone.",
+    )(command)
+
+
 def backend_choice(names: tuple[str, ...]) -> click.Choice:
     """The canonical backend names, and their short aliases, that a command accepts."""
     return click.Choice([*names, *(alias for alias, target in ALIASES.items() if target in names)])

@@ -24,8 +24,16 @@ def precision_options(command):
                      help="With --int8: calibration method (minmax was the best measured on the shipped model)."),
         click.option("--num-images", type=click.IntRange(min=1), help="Use the first N calibration images."),
         click.option("--calib-cache", type=click.Path(path_type=Path), help="With --int8: JSON cache of calibration ranges."),
+        click.option("--equalize/--no-equalize", default=True, show_default=True,
+                     help="With --int8: cross-layer equalization of the FP32 graph before calibration."),
+        click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+                     help="With --int8: correct each INT8 layer's bias by its mean output error on the calibration images."),
+        click.option("--min-sqnr", type=float, help="With --int8: label-free guard: the output SQNR (dB) against FP32 on the "
+                     "calibration images must reach this; the most sensitive layers leave INT8 until it does."),
         click.option("--val", "val_dir", type=click.Path(path_type=Path), help="With --int8: validation folder (one sub-folder per class) for the accuracy guard."),
         click.option("--max-top1-drop", type=click.FloatRange(min=0), help="With --int8: the accuracy guard's allowed top-1 drop in points."),
+        click.option("--report", "report_path", type=click.Path(dir_okay=False), help="With --int8: write the per-layer report as JSON."),
+        click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="With --int8: draw the per-layer report as PNG."),
     ]
     for decorator in reversed(options):
         command = decorator(command)
@@ -34,31 +42,95 @@ def precision_options(command):
 
 def precision_from(precision: str | None, target: str, kwargs: dict, show_progress: bool):
     """The FP16 or INT8 options from the shared precision options (popped from ``kwargs``)."""
+    probe_size = None
+    if precision == "fp16" and kwargs["calib_dir"] is None and kwargs["mean"] is None and kwargs["std"] is None:
+        probe_size = kwargs.pop("recipe_size")  # random FP16 probes need a size (for a dynamic input), no recipe
+        kwargs["recipe_size"] = None
     recipe, allow_upscale = recipe_from(kwargs)
     images = dict(calib_dir=kwargs.pop("calib_dir"), num_images=kwargs.pop("num_images"), recipe=recipe,
                   allow_upscale=allow_upscale)
-    io_fp16, method, cache, val_dir, max_drop = (kwargs.pop(k) for k in ("io_fp16", "method", "calib_cache", "val_dir", "max_top1_drop"))
+    names = ("io_fp16", "method", "calib_cache", "equalize", "bias_correction", "min_sqnr", "val_dir", "max_top1_drop",
+             "report_path", "plot_path")
+    io_fp16, method, cache, equalize, bias_correction, min_sqnr, val_dir, max_drop, report, plot = (kwargs.pop(k) for k in names)
     if precision == "fp16":
-        return pipeline.Fp16Options(io_fp16=io_fp16, **images)
+        given = [flag for flag, value in (("--min-sqnr", min_sqnr), ("--report", report), ("--plot", plot)) if value is not None]
+        if given:
+            raise RvdeployError(f"{given[0]} is for --int8: FP16 has no per-layer quantization to guard or report")
+        return pipeline.Fp16Options(io_fp16=io_fp16, probe_size=probe_size, **images)
     if precision == "int8":
-        return pipeline.Int8Options(target=target, method=method, cache_path=cache, val_dir=val_dir, max_top1_drop=max_drop,
+        return pipeline.Int8Options(target=target, method=method, cache_path=cache, equalize=equalize,
+                                    bias_correction=bias_correction, min_sqnr=min_sqnr,
+                                    val_dir=val_dir, max_top1_drop=max_drop, report_path=report, plot_path=plot,
                                     show_progress=show_progress, **images)
     return None
 
 
+def _db(value: float) -> str:
+    return "identical" if value == float("inf") else f"{value:.1f} dB"
+
+
+def _bias_correction_line(correction) -> str:
+    if correction is None:
+        return "bias correction: off (--no-bias-correction)"
+    if not correction.layers:
+        return "bias correction: no INT8 layer with a bias it can correct"
+    measured = f"output SQNR {_db(correction.sqnr_before_db)} → {_db(correction.sqnr_after_db)} on the calibration images"
+    if not correction.kept:
+        return f"bias correction: not kept ({measured}: no better, or a guard limit broken)"
+    return f"bias correction: {len(correction.layers)} INT8 layers corrected, {measured}"
+
+
+def _int8_summary(report) -> str:
+    calibrated = "from the cache" if report.from_cache else f"in {report.calibration_seconds:.1f} s"
+    lines = [f"INT8 ({report.target} layout, {report.method}): {report.quantized_nodes} layers quantized, "
+             f"calibrated on {report.calibration_images} images {calibrated}"
+             + (f", {report.skipped_images} unreadable images skipped" if report.skipped_images else "")]
+    eq = report.equalization
+    if eq is None:
+        lines.append("equalization: off (--no-equalize)")
+    elif eq.nothing_to_equalize:
+        lines.append("equalization: nothing to equalize in this graph"
+                     + (f" ({len(eq.skipped)} layers skipped: {eq.skipped[0].reason})" if eq.skipped else ""))
+    else:
+        skipped = "; skipped: " + "; ".join(f"{s.first} → {s.second or '-'} ({s.reason})" for s in eq.skipped) if eq.skipped else ""
+        lines.append(f"equalization: {len(eq.pairs)} layer pairs equalized in {eq.sweeps} sweeps{skipped}")
+    lines.append(_bias_correction_line(report.bias_correction))
+    out_of_int8 = [f"{len(nodes)} in {precision.upper()}: {', '.join(nodes)}"
+                   for precision, nodes in (("fp16", report.fp16_nodes), ("fp32", report.fp32_nodes)) if nodes]
+    lines.append(f"output SQNR against FP32 on the calibration images: {_db(report.output_sqnr_db)}; "
+                 + ("; ".join(out_of_int8) if out_of_int8 else "every layer in INT8"))
+    if report.guard:
+        g = report.guard
+        limits = ([f"SQNR ≥ {g.min_sqnr_db:g} dB"] if g.min_sqnr_db is not None else []) + (
+            [f"top-1 drop ≤ {g.max_top1_drop:g} points"] if g.max_top1_drop is not None else [])
+        measured = f"all-INT8 SQNR {_db(g.int8_sqnr_db)}, final {_db(g.final_sqnr_db)}"
+        if g.fp32_top1 is not None:
+            measured += f"; FP32 top-1 {g.fp32_top1:.2f}%, all-INT8 {g.int8_top1:.2f}%, final {g.final_top1:.2f}%"
+        lines.append(f"accuracy guard ({', '.join(limits)}): {measured}; {len(g.fallback)} layers out of INT8"
+                     + ("" if g.met else "; the limit was not met even so"))
+    return "\n".join(lines)
+
+
+def _number(value: float | None, digits: str = ".3g") -> str:
+    return "-" if value is None else format(value, digits)
+
+
+def layer_table(report) -> Table:
+    """The per-layer report: block, spreads, input range, SQNR alone, precision; the node name maps TensorRT layers back."""
+    table = Table(title="INT8 per layer (SQNR alone: output SQNR with only that layer in INT8)")
+    for heading in ("block", "op", "weight spread before → after", "input range", "SQNR alone dB", "precision", "node"):
+        table.add_column(heading, justify="right" if heading in ("SQNR alone dB",) else "left", overflow="fold")
+    for row in report.layers:
+        spread = f"{_number(row.weight_spread_before)} → {_number(row.weight_spread_after)}"
+        span = "-" if row.input_min is None else f"{row.input_min:.3g} .. {row.input_max:.3g}"
+        sqnr = "-" if row.sqnr_db is None else ("exact" if row.sqnr_db == float("inf") else f"{row.sqnr_db:.1f}")
+        table.add_row(row.block, row.op, spread, span, sqnr, row.precision, row.node)
+    return table
+
+
 def _summary(report) -> str:
     if isinstance(report, pipeline.Int8Report):
-        calibrated = "from the cache" if report.from_cache else f"in {report.calibration_seconds:.1f} s"
-        summary = (f"INT8 ({report.target} layout, {report.method}): {report.quantized_nodes} layers quantized, "
-                   f"calibrated on {report.calibration_images} images {calibrated}"
-                   + (f", {report.skipped_images} unreadable images skipped" if report.skipped_images else ""))
-        if report.guard:
-            g = report.guard
-            fallback = f"{len(g.fallback)} layers kept in FP32: {', '.join(g.fallback)}" if g.fallback else "no layer needed FP32"
-            summary += (f"\naccuracy guard (≤ {g.max_top1_drop} points): FP32 top-1 {g.fp32_top1:.2f}%, all-INT8 "
-                        f"{g.int8_top1:.2f}%, final {g.final_top1:.2f}%; {fallback}"
-                        + ("" if g.met else "; the limit was not met"))
-        return summary
+        return _int8_summary(report)
     kept = ", ".join(k.node for k in report.kept_fp32) or "none"
     return (f"FP16: {report.nodes_fp16} nodes in FP16; kept in FP32: {kept}; "
             f"{report.weights_flushed_to_zero} weights too small for FP16 (flushed to 0); "
@@ -78,12 +150,16 @@ def quantize(model, output, precision, target, as_json, **kwargs) -> None:
     """Write an FP16 or INT8 (Q/DQ) graph of the FP32 ONNX MODEL."""
     if precision is None:
         raise RvdeployError("choose --fp16 or --int8")
-    report = pipeline.quantize_model(model, output, precision_from(precision, target, kwargs, not as_json))
+    options = precision_from(precision, target, kwargs, not as_json)
+    report = pipeline.quantize_model(model, output, options)
     if as_json:
         print_json({"precision": precision, "output": str(output), **report.to_dict()})
         return
+    if isinstance(report, pipeline.Int8Report):
+        console.print(layer_table(report))
     console.print(_summary(report), highlight=False)
-    console.print(f"wrote {output}")
+    extras = [options.report_path, options.plot_path] if isinstance(options, pipeline.Int8Options) else []
+    console.print("wrote " + ", ".join(str(path) for path in (output, *extras) if path))
 
 
 @click.command(name="build-engine")

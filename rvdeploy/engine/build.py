@@ -146,6 +146,12 @@ def compile_onnx(onnx_path: str | os.PathLike, library: Library, settings: Build
     return bytes(serialized), profiles
 
 
+def _tensors(values) -> list[dict]:
+    """Name and shape (a dimension's name where it is dynamic) of graph inputs or outputs."""
+    return [{"name": v.name, "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+                                       for d in v.type.tensor_type.shape.dim]} for v in values]
+
+
 def _same_build(old: dict, request: dict, engine: Path) -> bool:
     return (
         old.get("format") == SIDECAR_FORMAT
@@ -159,7 +165,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, b
                  settings: BuildSettings = BuildSettings(), force: bool = False) -> BuildResult:
     """Compile ``onnx_path`` to ``engine_path`` and write its sidecar; skip an identical earlier build."""
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    meta = read_metadata(load_onnx(onnx_path))  # "no such file" / "not an ONNX model" in one line
+    model = load_onnx(onnx_path)  # "no such file" / "not an ONNX model" in one line
+    meta = read_metadata(model)
     chosen = load_library(backend)
     # Everything that decides the engine's bytes: equal requests give equal engines.
     request = {
@@ -193,6 +200,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, b
         "backend": chosen.name,
         "library_version": chosen.version,
         "profiles": profiles,
+        # (an old IR version lists the initializers among the inputs)
+        "inputs": _tensors(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}),
+        "outputs": _tensors(model.graph.output),  # every one: a backbone export has one per feature stage
         "engine_sha256": sha256_file(engine_path),
         "engine_bytes": len(engine),
         "build_seconds": round(seconds, 3),

@@ -6,7 +6,10 @@ needs one given explicitly. Outputs keep the input's metadata and add what preci
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,14 +18,20 @@ import onnx
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 
+from rvdeploy.compare import json_safe
 from rvdeploy.data import image_folder, labelled_folder
-from rvdeploy.errors import QuantizeError, RvdeployError
-from rvdeploy.files import sha256_file
-from rvdeploy.onnx_io import fixed_batch, load_onnx, read_metadata, save_onnx, write_metadata
+from rvdeploy.errors import OutputError, QuantizeError, RvdeployError
+from rvdeploy.files import atomic_output, sha256_file
+from rvdeploy.onnx_io import load_onnx, read_metadata, save_onnx, write_metadata
+from rvdeploy.precision.bias_correction import BiasCorrection, BiasCorrector
 from rvdeploy.precision.calib import METHODS, QUANTIZED_OPS, Calibration, activation_peaks, calibrate, model_feeds
+from rvdeploy.precision.equalize import EqualizeReport, equalize_graph
 from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, plan_fp32_nodes
-from rvdeploy.precision.int8 import TARGETS, quantize_int8
-from rvdeploy.precision.sensitivity import GuardReport, guard
+from rvdeploy.precision.guard import GuardReport, Top1Scorer, check_min_sqnr, fall_back_until_met
+from rvdeploy.precision.int8 import TARGETS, quantizable_nodes, quantize_int8
+from rvdeploy.precision.layer_report import LayerRow, layer_rows, plot_layers
+from rvdeploy.precision.mixed import PRECISIONS, MixedGraph, fallback_graph
+from rvdeploy.precision.sensitivity import OutputProbe, layer_sqnr, most_sensitive_first
 from rvdeploy.preprocess import Preprocess
 
 DEFAULT_METHOD = "minmax"  # the best of the three measured on the shipped model: benchmarks/results/int8_methods.md
@@ -42,6 +51,7 @@ class ImageOptions:
 @dataclass(frozen=True)
 class Fp16Options(ImageOptions):
     io_fp16: bool = False  # FP16 graph input and output too
+    probe_size: tuple[int, int] | None = None  # (H, W) of the random probes without calib_dir, for a graph whose own is dynamic
 
 
 @dataclass(frozen=True)
@@ -49,8 +59,13 @@ class Int8Options(ImageOptions):
     target: str = "tensorrt"  # or "onnxruntime"
     method: str = DEFAULT_METHOD
     cache_path: str | os.PathLike | None = None
-    val_dir: str | os.PathLike | None = None  # accuracy guard: labelled validation images...
+    equalize: bool = True  # cross-layer equalization of the FP32 graph before calibration
+    bias_correction: bool = True  # empirical bias correction of the INT8 layers of every candidate graph
+    min_sqnr: float | None = None  # label-free guard: the output SQNR (dB) against FP32 on the calibration images
+    val_dir: str | os.PathLike | None = None  # labelled guard: validation images...
     max_top1_drop: float | None = None  # ...and the top-1 drop (points) allowed on them
+    report_path: str | os.PathLike | None = None  # the per-layer report as JSON
+    plot_path: str | os.PathLike | None = None  # ... and as a PNG figure
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -62,6 +77,7 @@ class Int8Options(ImageOptions):
             raise QuantizeError(f"unknown calibration method {self.method!r}; choose {', '.join(METHODS)}")
         if (self.val_dir is None) != (self.max_top1_drop is None):
             raise QuantizeError("the accuracy guard needs both --val and --max-top1-drop")
+        check_min_sqnr(self.min_sqnr)
 
 
 def load_fp32_graph(path: str | os.PathLike) -> onnx.ModelProto:
@@ -102,12 +118,29 @@ def _write(model: onnx.ModelProto, source: onnx.ModelProto, path: str | os.PathL
     save_onnx(model, path)
 
 
-def _observation_feeds(model: onnx.ModelProto, recipe: Preprocess, options: ImageOptions):
-    """Inputs on which FP16 ranges are checked: calibration images, else standard-normal probes."""
+def _probe_shape(model: onnx.ModelProto, path: str | os.PathLike, options: Fp16Options) -> tuple[int, ...]:
+    """(N, C, H, W) of the random probes: the graph's own input shape; where H, W are dynamic, the size
+    given (``probe_size``, the recipe's) or the one in the graph's metadata."""
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.input[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise QuantizeError(f"{path}: its input {model.graph.input[0].name} has {len(dims)} dimensions, not N, C, H, W")
+    size = dims[2:]
+    if None in size:
+        size = options.probe_size or (options.recipe.input_size if options.recipe else read_metadata(model).get("input_size"))
+    if size is None:
+        raise QuantizeError(f"{path} has a dynamic input size ({dims[2] or '?'}x{dims[3] or '?'}): give --input-size "
+                            "for the FP16 range probes, or --calib")
+    return dims[0] or FP16_PROBES, dims[1] or 3, *size
+
+
+def _observation_feeds(model: onnx.ModelProto, path: str | os.PathLike, options: Fp16Options):
+    """Inputs on which FP16 ranges are checked: calibration images (with the model's recipe), else
+    standard-normal probes of the graph's input shape (no recipe needed)."""
     if options.calib_dir is None:
-        count = fixed_batch(model) or FP16_PROBES
-        probes = np.random.default_rng(0).standard_normal((count, 3, *recipe.input_size), dtype=np.float32)
-        return [{model.graph.input[0].name: probes}], count, "random probes"
+        shape = _probe_shape(model, path, options)
+        probes = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        return [{model.graph.input[0].name: probes}], shape[0], "random probes"
+    recipe = model_recipe(model, path, options.recipe)
     images = image_folder(options.calib_dir, recipe, options.num_images, options.allow_upscale)
     return list(model_feeds(model, images, recipe, batch_size=32)), len(images), "calibration images"
 
@@ -115,9 +148,9 @@ def _observation_feeds(model: onnx.ModelProto, recipe: Preprocess, options: Imag
 def quantize_fp16(model_path: str | os.PathLike, out_path: str | os.PathLike,
                   options: Fp16Options = Fp16Options()) -> Fp16Report:
     """Write the FP16 graph of ``model_path``; nodes whose values FP16 cannot hold stay FP32."""
+    check_output_path(out_path, "output")
     model = load_fp32_graph(model_path)
-    recipe = model_recipe(model, model_path, options.recipe)
-    feeds, observed, observed_on = _observation_feeds(model, recipe, options)
+    feeds, observed, observed_on = _observation_feeds(model, model_path, options)
     peaks = activation_peaks(model, feeds, model_path)
     graph = gs.import_onnx(model)
     kept = plan_fp32_nodes(graph, peaks)
@@ -147,34 +180,112 @@ class Int8Report:
     calibration_seconds: float
     from_cache: bool
     quantized_nodes: int
+    output_sqnr_db: float  # the written graph's outputs against FP32's, on the calibration images
+    fp16_nodes: list[str] = field(default_factory=list)  # layers taken out of INT8, by the precision they run in
     fp32_nodes: list[str] = field(default_factory=list)
+    equalization: EqualizeReport | None = None  # None: --no-equalize
     guard: GuardReport | None = None
+    bias_correction: BiasCorrection | None = None  # None: --no-bias-correction
+    layers: list[LayerRow] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        data["equalization"] = self.equalization.to_dict() if self.equalization else None
+        data["bias_correction"] = self.bias_correction.to_dict() if self.bias_correction else None
         data["guard"] = self.guard.to_dict() if self.guard else None
-        return data
+        data["layers"] = [row.to_dict() for row in self.layers]
+        return json_safe(data)
+
+
+def check_output_path(path: str | os.PathLike, what: str) -> Path:
+    """``path`` when a file can be written there; else one line naming ``what`` (checked before the slow work)."""
+    if not str(path).strip():
+        raise OutputError(f"{what} needs a file path, got an empty one")
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a directory, not a file")
+    if not path.parent.is_dir():
+        raise OutputError(f"{what} {path}: directory {path.parent} does not exist")
+    return path
+
+
+def _graph_to_quantize(model: onnx.ModelProto, model_path: str | os.PathLike, equalize: bool, tmp: Path):
+    """The FP32 graph that is calibrated and quantized (equalized unless ``equalize`` is off), its path,
+    and the equalization report (None when off)."""
+    if not equalize:
+        return model, Path(model_path), None
+    equalized, report = equalize_graph(model, name=str(model_path))
+    if report.nothing_to_equalize:  # the same graph: the same calibration cache entry as without equalization
+        return model, Path(model_path), report
+    return equalized, save_onnx(equalized, tmp / "equalized.onnx"), report
+
+
+class _Corrected:
+    """Candidate graphs with their INT8 layers' bias corrected, each kept only where correction raises
+    its output SQNR on the calibration images; what correction did to each, by its layers out of INT8."""
+
+    def __init__(self, graph: onnx.ModelProto, probe: OutputProbe, target: str, what) -> None:
+        self.corrector = BiasCorrector(graph, probe.feeds, target, what)
+        self.probe = probe
+        self.reports: dict[tuple[str, ...], BiasCorrection] = {}
+
+    def __call__(self, candidate: MixedGraph) -> MixedGraph:
+        model, layers = self.corrector.correct(candidate.model, candidate.precisions)
+        before = self.probe.sqnr(candidate.model)
+        after = self.probe.sqnr(model) if layers else before
+        self.reports[_out_of_int8(candidate)] = BiasCorrection(before, after, after > before, layers)
+        return MixedGraph(model, candidate.precisions) if after > before else candidate
+
+
+def _out_of_int8(candidate: MixedGraph) -> tuple[str, ...]:
+    return tuple(node for node, precision in candidate.precisions.items() if precision != "int8")
 
 
 def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLike, options: Int8Options) -> Int8Report:
-    """Calibrate (or reuse the cache), write the Q/DQ graph for ``options.target``.
-
-    With ``val_dir`` and ``max_top1_drop`` the accuracy guard keeps the most sensitive layers in
-    FP32 until the top-1 drop on ``val_dir`` is within ``max_top1_drop`` points.
-    """
+    """Equalize (unless ``options.equalize`` is off), calibrate (or reuse the cache), write the Q/DQ graph
+    for ``options.target``; with a guard (``min_sqnr``, or ``val_dir`` and ``max_top1_drop``) the most
+    sensitive layers leave INT8, for FP16 on TensorRT and FP32 on ONNX Runtime, until the guard holds. Unless
+    ``options.bias_correction`` is off, every candidate's INT8 layers are bias-corrected before it is measured."""
+    outputs = [(out_path, "output"), (options.report_path, "--report"), (options.plot_path, "--plot")]
+    for path, what in outputs:
+        if path is not None:
+            check_output_path(path, what)
     model = load_fp32_graph(model_path)
     recipe = model_recipe(model, model_path, options.recipe)
     images = image_folder(options.calib_dir, recipe, options.num_images, options.allow_upscale)
-    model_sha256 = sha256_file(model_path)
-    calibration: Calibration = calibrate(model_path, model_sha256, images, recipe, options.method,
-                                         options.cache_path, options.show_progress)
-    excluded: tuple[str, ...] = ()
-    guard_report = None
+    scorer = None
     if options.val_dir is not None:
-        val = labelled_folder(options.val_dir, recipe, options.allow_upscale)
-        excluded, guard_report = guard(Path(model_path), calibration, options.target, val, recipe,
-                                       options.max_top1_drop, options.show_progress)
-    quantized = quantize_int8(model_path, calibration, options.target, nodes_to_exclude=excluded)
+        scorer = Top1Scorer(model, labelled_folder(options.val_dir, recipe, options.allow_upscale), recipe, model_path)
+    guarded = options.min_sqnr is not None or scorer is not None
+    with tempfile.TemporaryDirectory(prefix="rvdeploy-int8-") as tmp:
+        graph, graph_path, equalization = _graph_to_quantize(model, model_path, options.equalize, Path(tmp))
+        calibration: Calibration = calibrate(graph_path, sha256_file(graph_path), images, recipe, options.method,
+                                             options.cache_path, options.show_progress)
+        probe = OutputProbe(model, images, recipe, model_path)
+        first = MixedGraph(quantize_int8(graph_path, calibration, options.target),
+                           {node: "int8" for node in quantizable_nodes(graph)})
+        sqnr = {}
+        if guarded or options.report_path or options.plot_path:
+            sqnr = layer_sqnr(graph, first.model, probe, options.show_progress)
+        peaks = functools.cache(lambda: activation_peaks(graph, probe.feeds, model_path))
+
+        corrected = _Corrected(graph, probe, options.target, model_path) if options.bias_correction else None
+        if corrected:
+            first = corrected(first)  # after the sensitivity, which grafts the uncorrected layers one at a time
+
+        def build(fallback: tuple[str, ...]) -> MixedGraph:
+            candidate = fallback_graph(graph_path, calibration, options.target, fallback, peaks)
+            return corrected(candidate) if corrected else candidate
+
+        guard_report = None
+        if guarded:
+            final, guard_report = fall_back_until_met(model, first, most_sensitive_first(sqnr), build, probe,
+                                                      options.min_sqnr, options.max_top1_drop, scorer)
+            output_sqnr = guard_report.final_sqnr_db
+        else:
+            final, output_sqnr = first, probe.sqnr(first.model)
+        bias_correction = corrected.reports[_out_of_int8(final)] if corrected else None
+    by_precision = {p: [n for n, q in final.precisions.items() if q == p] for p in PRECISIONS}
     report = Int8Report(
         target=options.target,
         method=options.method,
@@ -182,15 +293,30 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         skipped_images=len(images.skipped),
         calibration_seconds=calibration.seconds,
         from_cache=calibration.from_cache,
-        quantized_nodes=sum(1 for n in quantized.graph.node if n.op_type in ("Conv", "Gemm")) - len(excluded),
-        fp32_nodes=list(excluded),
+        quantized_nodes=len(by_precision["int8"]),
+        output_sqnr_db=output_sqnr,
+        fp16_nodes=by_precision["fp16"],
+        fp32_nodes=by_precision["fp32"],
+        equalization=equalization,
         guard=guard_report,
+        bias_correction=bias_correction,
+        layers=layer_rows(graph, calibration.ranges, equalization, sqnr, final.precisions),
     )
-    _write(quantized, model, out_path, {
+    metadata = {
         "precision": "int8",
         "int8_target": options.target,
         "calibration": {"method": options.method, "images": calibration.images},
-        "fp32_nodes": list(excluded),
-        "source_onnx_sha256": model_sha256,
-    })
+        "equalized": equalization is not None and not equalization.nothing_to_equalize,
+        "fp16_nodes": by_precision["fp16"],
+        "fp32_nodes": by_precision["fp32"],
+        "source_onnx_sha256": sha256_file(model_path),
+    }
+    if bias_correction and bias_correction.kept:  # absent otherwise: --no-bias-correction writes what it always wrote
+        metadata["bias_corrected"] = True
+    _write(final.model, model, out_path, metadata)
+    if options.report_path:
+        with atomic_output(options.report_path) as tmp_report:
+            tmp_report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if options.plot_path:
+        plot_layers(report.layers, options.plot_path, f"INT8 per layer: {Path(model_path).name} ({options.target} layout)")
     return report

@@ -1,106 +1,130 @@
-"""The accuracy guard: find the layers INT8 hurts most and leave them in FP32 until the drop is acceptable.
+"""Per-layer INT8 sensitivity without labels, at the cost of one pass per layer.
 
-Each quantizable layer is quantized alone and measured on the validation images (top-1, and the
-relative error of its logits against FP32, which ranks layers the top-1 cannot tell apart). Then
-the most sensitive layers fall back to FP32 one at a time until the fully quantized rest is within
-the allowed top-1 drop.
+The whole graph is quantized once (one ``quantize_static`` call). Each layer's single-layer graph
+is then the FP32 graph with only that layer's quantize/dequantize pairs grafted on, copied from the
+quantized graph (its activation input and weights; for the onnxruntime layout also its output, which
+that layout quantizes too). Its sensitivity is the SQNR of the model outputs against FP32 on the
+calibration images: one ONNX Runtime pass over them per layer, no labels, no re-quantization.
 """
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import math
+import os
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
-from rvdeploy.compare import relative_error
+from rvdeploy.compare import sqnr_db
 from rvdeploy.data import ImageSet
-from rvdeploy.eval import predictions
-from rvdeploy.precision.calib import Calibration
-from rvdeploy.precision.int8 import quantizable_nodes, quantize_int8
+from rvdeploy.errors import QuantizeError
+from rvdeploy.onnx_io import ort_session, run_session
+from rvdeploy.precision.calib import QUANTIZED_OPS, model_feeds
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
-from rvdeploy.runners import OrtRunner
+
+FEED_BATCH = 32
 
 
-@dataclass(frozen=True)
-class LayerSensitivity:
-    node: str
-    top1: float  # percent, with only this layer quantized
-    logit_error: float  # max |logits - FP32 logits| / max |FP32 logits|
+def flat_outputs(outputs: list[np.ndarray]) -> np.ndarray:
+    """Every output of one batch as one row per sample: several outputs (a backbone's feature maps) are
+    concatenated, so one SQNR covers them all."""
+    return np.concatenate([np.asarray(o, dtype=np.float32).reshape(len(o), -1) for o in outputs], axis=1)
 
 
-@dataclass
-class GuardReport:
-    max_top1_drop: float
-    fp32_top1: float
-    int8_top1: float  # every layer quantized
-    final_top1: float
-    fallback: list[str] = field(default_factory=list)  # layers left in FP32, most sensitive first
-    steps: list[dict] = field(default_factory=list)  # top-1 after each fallback
-    sensitivities: list[LayerSensitivity] = field(default_factory=list)
+class OutputProbe:
+    """The calibration images, preprocessed once, and the FP32 graph's outputs on them: what every
+    candidate graph's outputs are compared with."""
 
-    @property
-    def met(self) -> bool:
-        return self.fp32_top1 - self.final_top1 <= self.max_top1_drop
+    def __init__(self, fp32: onnx.ModelProto, images: ImageSet, recipe: Preprocess, what: str | os.PathLike) -> None:
+        self.feeds = list(model_feeds(fp32, images, recipe, FEED_BATCH))
+        self.what = what
+        self.reference = self.outputs(fp32)
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["met"] = self.met
-        return data
+    def outputs(self, model: onnx.ModelProto) -> np.ndarray:
+        session = ort_session(model.SerializeToString(), name=f"a quantized graph of {self.what}")
+        return np.concatenate([flat_outputs(run_session(session, feed, self.what)) for feed in self.feeds])
+
+    def sqnr(self, model: onnx.ModelProto) -> float:
+        """SQNR (dB) of ``model``'s outputs against FP32's; inf when they are identical."""
+        return sqnr_db(self.outputs(model), self.reference)
 
 
-class _Scorer:
-    """Top-1 and logits of graphs on the validation images, against the FP32 graph's logits."""
-
-    def __init__(self, images: ImageSet, recipe: Preprocess, tmp: Path) -> None:
-        self.images, self.recipe, self.tmp = images, recipe, tmp
-        self.reference: np.ndarray | None = None
-        self.labels: np.ndarray | None = None
-
-    def logits(self, model: onnx.ModelProto | Path) -> np.ndarray:
-        path = model if isinstance(model, Path) else self.tmp / "candidate.onnx"
-        if not isinstance(model, Path):
-            path.write_bytes(model.SerializeToString())
-        with OrtRunner(path) as runner:
-            logits, kept = predictions(runner, self.images, self.recipe)
-        if self.labels is None:
-            self.labels = np.asarray([self.images.labels[i] for i in kept])
-        return logits
-
-    def top1(self, logits: np.ndarray) -> float:
-        return float((logits.argmax(1) == self.labels).mean() * 100)
-
-    def logit_error(self, logits: np.ndarray) -> float:
-        return relative_error(logits, self.reference)
+def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs and tensor.inputs[0].op == op else None
 
 
-def guard(model_path: Path, calibration: Calibration, target: str, images: ImageSet, recipe: Preprocess,
-          max_top1_drop: float, show_progress: bool = True) -> tuple[tuple[str, ...], GuardReport]:
-    """The nodes to keep in FP32 so that INT8 loses at most ``max_top1_drop`` top-1 points on ``images``."""
-    with tempfile.TemporaryDirectory(prefix="rvdeploy-guard-") as tmp:
-        scorer = _Scorer(images, recipe, Path(tmp))
-        scorer.reference = scorer.logits(model_path)
-        fp32_top1 = scorer.top1(scorer.reference)
-        int8_top1 = scorer.top1(scorer.logits(quantize_int8(model_path, calibration, target)))
-        report = GuardReport(max_top1_drop, fp32_top1, int8_top1, int8_top1)
-        if report.met:
-            return (), report
-        nodes = quantizable_nodes(onnx.load(str(model_path), load_external_data=False))
-        with progress_bar(show_progress) as progress:
-            task = progress.add_task("layer sensitivity", total=len(nodes))
-            for node in nodes:
-                logits = scorer.logits(quantize_int8(model_path, calibration, target, nodes_to_quantize=(node,)))
-                report.sensitivities.append(LayerSensitivity(node, scorer.top1(logits), scorer.logit_error(logits)))
-                progress.advance(task)
-        ranked = sorted(report.sensitivities, key=lambda s: (s.top1, -s.logit_error))
-        for layer in ranked:
-            report.fallback.append(layer.node)
-            candidate = quantize_int8(model_path, calibration, target, nodes_to_exclude=tuple(report.fallback))
-            report.final_top1 = scorer.top1(scorer.logits(candidate))
-            report.steps.append({"fp32_layers": len(report.fallback), "node": layer.node, "top1": report.final_top1})
-            if report.met:
-                break
-        return tuple(report.fallback), report
+def _find(graph: gs.Graph, name: str, what: str) -> gs.Node:
+    node = next((n for n in graph.nodes if n.name == name), None)
+    if node is None:
+        raise QuantizeError(f"{what} has no node {name!r}")
+    return node
+
+
+def _copy_node(graph: gs.Graph, original: gs.Node, inputs: list, outputs: list) -> None:
+    """A copy of the quantized graph's Q or DQ node ``original`` (same attributes, scale and zero point)."""
+    graph.nodes.append(gs.Node(original.op, name=f"{original.name}/single_layer", attrs=dict(original.attrs),
+                               inputs=[inputs[0], *original.inputs[1:]], outputs=outputs))
+
+
+def _fake_quantized(graph: gs.Graph, tensor: gs.Variable, q: gs.Node, dq: gs.Node) -> gs.Variable:
+    """``tensor`` through a copy of the pair ``q`` → ``dq``."""
+    quantized = gs.Variable(f"{tensor.name}/{q.name}/single_layer", dtype=q.outputs[0].dtype)
+    restored = gs.Variable(f"{tensor.name}/{dq.name}/single_layer", dtype=np.float32)
+    _copy_node(graph, q, [tensor], [quantized])
+    _copy_node(graph, dq, [quantized], [restored])
+    return restored
+
+
+def single_layer_graph(fp32: onnx.ModelProto, quantized: onnx.ModelProto, node: str) -> onnx.ModelProto:
+    """``fp32`` with only ``node`` in INT8: the Q/DQ pairs ``quantized`` puts on that node's inputs
+    (activation, weights, an int32 bias in the onnxruntime layout) and on its output (the onnxruntime
+    layout quantizes outputs too), copied with their scales and zero points. Built by graph edits alone."""
+    graph, qgraph = gs.import_onnx(fp32), gs.import_onnx(quantized)
+    layer, qlayer = _find(graph, node, "the FP32 graph"), _find(qgraph, node, "the quantized graph")
+    for index, qtensor in enumerate(qlayer.inputs):
+        dq = _producer(qtensor, "DequantizeLinear")
+        if dq is None:
+            continue
+        if isinstance(dq.inputs[0], gs.Constant):  # a weight or bias stored as integers
+            restored = gs.Variable(f"{dq.outputs[0].name}/single_layer", dtype=np.float32)
+            _copy_node(graph, dq, [dq.inputs[0]], [restored])
+            layer.inputs[index] = restored
+            continue
+        q = _producer(dq.inputs[0], "QuantizeLinear")
+        if q is None:
+            raise QuantizeError(f"the quantized graph's {dq.name} does not dequantize a QuantizeLinear")
+        layer.inputs[index] = _fake_quantized(graph, layer.inputs[index], q, dq)
+    q = next((c for c in qlayer.outputs[0].outputs if c.op == "QuantizeLinear"), None)
+    if q is not None:  # onnxruntime's layout: the layer writes integers
+        dq = next(c for c in q.outputs[0].outputs if c.op == "DequantizeLinear")
+        output = layer.outputs[0]
+        raw = gs.Variable(f"{output.name}/before_quantize", dtype=np.float32)
+        layer.outputs[0] = raw
+        quantized_output = gs.Variable(f"{output.name}/{q.name}/single_layer", dtype=q.outputs[0].dtype)
+        _copy_node(graph, q, [raw], [quantized_output])
+        _copy_node(graph, dq, [quantized_output], [output])
+    graph.opset = qgraph.opset  # the Q/DQ nodes' opset (Conv and Relu read the same in both)
+    graph.cleanup().toposort()
+    single = gs.export_onnx(graph)
+    single.ir_version = quantized.ir_version
+    return single
+
+
+def layer_sqnr(fp32: onnx.ModelProto, quantized: onnx.ModelProto, probe: OutputProbe,
+               show_progress: bool = True) -> dict[str, float]:
+    """Output SQNR (dB) against FP32 with each Conv/Gemm alone in INT8, in graph order: one pass each."""
+    nodes = [n.name for n in fp32.graph.node if n.op_type in QUANTIZED_OPS]
+    sqnr = {}
+    with progress_bar(show_progress) as progress:
+        task = progress.add_task("layer sensitivity", total=len(nodes))
+        for node in nodes:
+            sqnr[node] = probe.sqnr(single_layer_graph(fp32, quantized, node))
+            progress.advance(task)
+    return sqnr
+
+
+def most_sensitive_first(sqnr: dict[str, float]) -> list[str]:
+    """Layers by SQNR alone, lowest (most harmful in INT8) first; NaN counts as the worst."""
+    return sorted(sqnr, key=lambda node: -math.inf if math.isnan(sqnr[node]) else sqnr[node])

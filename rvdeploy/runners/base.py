@@ -2,9 +2,11 @@
 
 A runner is made cheaply from a path and options; ``with`` (or :meth:`Runner.activate`) acquires
 the module, session or engine, and leaving the block releases it. While active, ``infer(feed)``
-maps a float32 NCHW batch to float32 logits, and ``timed(feed)`` gives a callable that runs the
-model on that batch already staged on the device: compute only, for timing. Evaluation,
-comparison and benchmarking are written once, against this interface.
+maps a float32 NCHW batch to float32 logits (a multi-output model, e.g. a backbone export's stage
+features, gives the list of every output; ``infer_all`` always gives that list), and
+``timed(feed)`` gives a callable that runs the model on that batch already staged on the device:
+compute only, for timing. Evaluation, comparison and benchmarking are written once, against this
+interface.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class Runner:
     """Base: subclasses implement ``_acquire``, ``_release``, ``_infer`` and ``_timed``.
 
     After activation the description attributes say what runs: ``arch``, ``form``, ``precision``,
-    ``preprocess``, ``num_classes``, ``fixed_batch``.
+    ``preprocess``, ``num_classes``, ``fixed_batch``, ``input_chw`` (the fixed C, H, W, None where
+    dynamic), ``output_names`` and ``output_ranks``.
     """
 
     backend: str
@@ -56,6 +59,9 @@ class Runner:
     preprocess: Preprocess | None = None
     num_classes: int | None = None
     fixed_batch: int | None = None
+    input_chw: tuple[int | None, int | None, int | None] | None = None
+    output_names: tuple[str, ...] = ("logits",)
+    output_ranks: tuple[int | None, ...] = (2,)  # None: unknown
 
     def __init__(self, path: str | os.PathLike, options: RunnerOptions = RunnerOptions()) -> None:
         self.path = Path(path)
@@ -90,21 +96,33 @@ class Runner:
         if not self.active:
             raise RunnerError(f"{self.name}: the runner is not active (use it inside `with open_runner(...)`)")
 
-    def infer(self, feed: np.ndarray) -> np.ndarray:
-        """Logits (float32) for the float32 NCHW batch ``feed``."""
+    @property
+    def is_classifier(self) -> bool:
+        """One output of rank 2: (batch, classes) logits."""
+        return len(self.output_ranks) == 1 and self.output_ranks[0] in (2, None)
+
+    def infer(self, feed: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Logits (float32) for the float32 NCHW batch ``feed``; the list of every output (float32,
+        in the model's order) when the model has several."""
+        outputs = self.infer_all(feed)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def infer_all(self, feed: np.ndarray) -> list[np.ndarray]:
+        """Every output (float32) for the float32 NCHW batch ``feed``, in the model's order."""
         self._require_active()
         feed = np.ascontiguousarray(feed, dtype=np.float32)
         # Shapes are checked once each: infer is what bench times, call after call.
         first = feed.shape not in self._checked_shapes
         if first:
             self._check_input(feed)
-        out = self._infer(feed)
+        outputs = self._infer(feed)
         if first:
-            if out.ndim != 2 or len(out) != len(feed):
-                raise RunnerError(f"{self.name} gives an output of shape {list(out.shape)} for a batch of {len(feed)}, "
-                                  "not (batch, classes) logits")
+            for name, out in zip(self.output_names, outputs):
+                if out.ndim < 2 or len(out) != len(feed):
+                    raise RunnerError(f"{self.name} gives an output {name} of shape {list(out.shape)} for a batch of "
+                                      f"{len(feed)}: not batch-major")
             self._checked_shapes.add(feed.shape)
-        return out
+        return outputs
 
     def timed(self, feed: np.ndarray) -> Callable[[], None]:
         """A callable running the model on ``feed``, staged once beforehand: compute only, for timing."""
@@ -132,9 +150,14 @@ class Runner:
         raise NotImplementedError
 
     def _check_input(self, feed: np.ndarray) -> None:
-        """Refuse, by name, a batch the model cannot take (runners that know their input size)."""
+        """Refuse, by name, a batch whose C, H, W the model cannot take."""
+        expected = self.input_chw
+        if expected and any(e is not None and e != got for e, got in zip(expected, feed.shape[1:])):
+            want = "x".join("?" if e is None else str(e) for e in expected)
+            have = "x".join(map(str, feed.shape[1:]))
+            raise RunnerError(f"{self.name} takes {want} (CxHxW) inputs, not {have}")
 
-    def _infer(self, feed: np.ndarray) -> np.ndarray:
+    def _infer(self, feed: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
 
     def _timed(self, feed: np.ndarray) -> Callable[[], None]:

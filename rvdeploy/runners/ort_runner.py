@@ -18,20 +18,20 @@ class OrtRunner(Runner):
         opts = self.options
         self.session = ort_session(self.path, opts.device, opts.threads)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        # ONNX Runtime loads any valid graph; what rvdeploy runs is a classifier: NCHW in, (batch, classes) out.
+        # ONNX Runtime loads any valid graph; what rvdeploy runs takes one NCHW image batch (and gives
+        # logits, or a backbone's feature maps).
         if len(inputs) != 1 or (inputs[0].shape and len(inputs[0].shape) != 4):
             shapes = ", ".join(str(i.shape) for i in inputs) or "none"
-            raise RunnerError(f"{self.path} is not an image classifier: it takes {len(inputs)} inputs ({shapes}), "
+            raise RunnerError(f"{self.path} is not an image model: it takes {len(inputs)} inputs ({shapes}), "
                               "not one NCHW image batch")
-        if outputs[0].shape and len(outputs[0].shape) != 2:
-            raise RunnerError(f"{self.path} is not an image classifier: its output has shape {outputs[0].shape}, "
-                              "not (batch, classes)")
         feed = inputs[0]
         self.input_name = feed.name
         # The fixed C, H, W of the input (None where dynamic): a feed of another size is refused by name.
         self.input_chw = tuple(d if isinstance(d, int) else None for d in feed.shape[1:]) if feed.shape else None
         self.input_dtype = np.float16 if feed.type == "tensor(float16)" else np.float32
-        self.fixed_batch = feed.shape[0] if isinstance(feed.shape[0], int) else None
+        self.fixed_batch = feed.shape[0] if feed.shape and isinstance(feed.shape[0], int) else None
+        self.output_names = tuple(o.name for o in outputs)
+        self.output_ranks = tuple(len(o.shape) if o.shape is not None else None for o in outputs)
         try:
             metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         except UnicodeDecodeError:  # ONNX Runtime hands metadata over as str: bytes that are not UTF-8 fail there
@@ -41,16 +41,9 @@ class OrtRunner(Runner):
     def _release(self) -> None:
         self.session = None
 
-    def _check_input(self, feed: np.ndarray) -> None:
-        expected = self.input_chw
-        if expected and any(e is not None and e != got for e, got in zip(expected, feed.shape[1:])):
-            want = "x".join("?" if e is None else str(e) for e in expected)
-            have = "x".join(map(str, feed.shape[1:]))
-            raise RunnerError(f"{self.name} takes {want} (CxHxW) inputs, not {have}: give its --input-size")
-
-    def _infer(self, feed: np.ndarray) -> np.ndarray:
-        out = run_session(self.session, {self.input_name: feed.astype(self.input_dtype, copy=False)}, self.path)[0]
-        return out.astype(np.float32, copy=False)
+    def _infer(self, feed: np.ndarray) -> list[np.ndarray]:
+        outputs = run_session(self.session, {self.input_name: feed.astype(self.input_dtype, copy=False)}, self.path)
+        return [out.astype(np.float32, copy=False) for out in outputs]
 
     def _timed(self, feed: np.ndarray) -> Callable[[], None]:
         inputs = {self.input_name: feed.astype(self.input_dtype, copy=False)}

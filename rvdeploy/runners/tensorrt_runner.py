@@ -42,19 +42,22 @@ class TensorRTRunner(Runner):
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        # Every output, in the engine's order (a backbone export has one per feature stage).
+        self.output_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.output_ranks = tuple(len(self.engine.get_tensor_shape(n)) for n in self.output_names)
         low, _opt, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.batch_range = (low[0], high[0])
         self.fixed_batch = low[0] if low[0] == high[0] else None
+        self.input_chw = tuple(int(d) for d in low[1:])
         dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
         self.dtypes = {}
-        for name in (self.input_name, self.output_name):
+        for name in (self.input_name, *self.output_names):
             dtype = self.engine.get_tensor_dtype(name)
             if dtype not in dtypes:
                 raise RunnerError(f"engine I/O type {dtype} is not supported by the runner")
             self.dtypes[name] = dtypes[dtype]
         self.stream = torch.cuda.Stream()
-        self._buffers: dict[int, tuple] = {}  # batch -> (input, output) device tensors
+        self._buffers: dict[int, tuple] = {}  # batch -> (input, [outputs]) device tensors
         self.backend = library.name
         self.describe_graph(sidecar.get("model_metadata", {}))
         self.precision = sidecar.get("precision", self.precision)
@@ -74,12 +77,13 @@ class TensorRTRunner(Runner):
         if batch not in self._buffers:
             torch = self.torch
             inputs = torch.empty((batch, *chw), dtype=self.dtypes[self.input_name], device="cuda")
-            outputs = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)),
-                                  dtype=self.dtypes[self.output_name], device="cuda")
+            outputs = [torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
+                       for name in self.output_names]
             self._buffers[batch] = (inputs, outputs)
         inputs, outputs = self._buffers[batch]
         self.context.set_tensor_address(self.input_name, inputs.data_ptr())
-        self.context.set_tensor_address(self.output_name, outputs.data_ptr())
+        for name, output in zip(self.output_names, outputs):
+            self.context.set_tensor_address(name, output.data_ptr())
         return inputs, outputs
 
     def _execute(self) -> None:
@@ -92,11 +96,11 @@ class TensorRTRunner(Runner):
             inputs.copy_(self.torch.from_numpy(feed).to(inputs.dtype))
         return outputs
 
-    def _infer(self, feed: np.ndarray) -> np.ndarray:
+    def _infer(self, feed: np.ndarray) -> list[np.ndarray]:
         outputs = self._stage(feed)
         self._execute()
         self.stream.synchronize()
-        return outputs.float().cpu().numpy()
+        return [output.float().cpu().numpy() for output in outputs]
 
     def _timed(self, feed: np.ndarray) -> Callable[[], None]:
         self._stage(feed)

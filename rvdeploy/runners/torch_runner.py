@@ -35,15 +35,18 @@ class TorchRunner(Runner):
         self.arch = weights.spec.name
         self.preprocess = weights.preprocess
         self.num_classes = weights.spec.num_classes
+        self.input_chw = (weights.spec.in_channels, None, None)
+        if weights.spec.headless:  # its forward gives the last stage's feature map
+            self.output_names, self.output_ranks = (f"stage{weights.spec.num_stages - 1}",), (4,)
 
     def _release(self) -> None:
         self.model = None
         if self.options.device == "cuda":
             torch.cuda.empty_cache()
 
-    def _infer(self, feed: np.ndarray) -> np.ndarray:
+    def _infer(self, feed: np.ndarray) -> list[np.ndarray]:
         with torch.inference_mode():
-            return self.model(torch.from_numpy(feed).to(self.options.device)).float().cpu().numpy()
+            return [self.model(torch.from_numpy(feed).to(self.options.device)).float().cpu().numpy()]
 
     def _timed(self, feed: np.ndarray) -> Callable[[], None]:
         x = torch.from_numpy(feed).to(self.options.device)

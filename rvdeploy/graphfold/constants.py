@@ -1,0 +1,81 @@
+"""Seeing through the ways exporters hand weights to a node: initializers, Constant nodes, and
+Identity aliases (the TorchScript exporter aliases equal parameters through Identity nodes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+# Constant's value attributes other than ``value`` (a tensor), and the dtype each stands for.
+_CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                   "value_ints": np.int64}
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    for key, value in node.attrs.items():
+        if key == "value" and isinstance(value, gs.Constant):
+            return value.values
+        if key in _CONSTANT_LISTS:
+            return np.asarray(value, dtype=_CONSTANT_LISTS[key])
+    return None
+
+
+def constant_source(tensor: gs.Tensor) -> gs.Tensor | None:
+    """The tensor that holds ``tensor``'s value when it is a constant (itself, or the initializer or
+    Constant output behind a chain of Identity nodes); None when it is computed at run time."""
+    seen = 0
+    while seen < 1000:  # a chain of aliases, never a cycle in a valid graph
+        if isinstance(tensor, gs.Constant):
+            return tensor
+        producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+        if producer is None:
+            return None
+        if producer.op == "Constant":
+            return tensor if _constant_node_value(producer) is not None else None
+        if producer.op != "Identity" or not producer.inputs:
+            return None
+        tensor, seen = producer.inputs[0], seen + 1
+    return None
+
+
+def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """``tensor``'s value when it is a constant (see :func:`constant_source`), else None."""
+    source = constant_source(tensor) if tensor is not None else None
+    if source is None:
+        return None
+    if isinstance(source, gs.Constant):
+        return source.values
+    return _constant_node_value(source.inputs[0])
+
+
+def remove_constant_aliases(graph: gs.Graph) -> int:
+    """Point every reader of an Identity that only aliases a constant at the constant itself; the
+    Identity then reads nothing and :meth:`gs.Graph.cleanup` drops it (one that writes a graph
+    output stays). Returns how many Identity nodes were bypassed."""
+    outputs = {t.name for t in graph.outputs}
+    bypassed = 0
+    for node in graph.nodes:
+        if node.op != "Identity" or not node.outputs or node.outputs[0].name in outputs:
+            continue
+        source = constant_source(node.inputs[0]) if node.inputs else None
+        if source is None:
+            continue
+        alias = node.outputs[0]
+        for reader in list(alias.outputs):
+            for index, tensor in enumerate(reader.inputs):
+                if tensor is alias:
+                    reader.inputs[index] = source
+        node.outputs.clear()
+        bypassed += 1
+    return bypassed
+
+
+def single_reader(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
+    """The only node that reads ``tensor``, when exactly one does and it is no graph output."""
+    if tensor.name in graph_outputs or len(tensor.outputs) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None

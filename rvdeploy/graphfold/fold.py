@@ -1,0 +1,84 @@
+"""Folding a whole graph: resolve constant aliases, then apply every pattern until none applies."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from rvdeploy.graphfold.constants import remove_constant_aliases
+from rvdeploy.graphfold.parallel import fold_parallel
+from rvdeploy.graphfold.patterns import fold_bn_gemm, fold_conv_bn
+from rvdeploy.graphfold.results import FoldableGroup, GraphFoldReport, LeftAlone
+from rvdeploy.graphfold.state import Folded, FoldState
+
+# Applied in this order each round: chains first, so that a branch is one node when groups are sought.
+PATTERNS = (fold_conv_bn, fold_bn_gemm, fold_parallel)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def _with_model_fields(graph_model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph_model`` with every field but the graph taken from ``original``: IR version, opset
+    imports, metadata, producer, local functions stay as they were."""
+    for fd in onnx.ModelProto.DESCRIPTOR.fields:
+        if fd.name != "graph":
+            graph_model.ClearField(fd.name)
+    for fd, value in original.ListFields():
+        if fd.name == "graph":
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(graph_model, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(graph_model, fd.name).CopyFrom(value)
+        else:
+            setattr(graph_model, fd.name, value)
+    return graph_model
+
+
+def fold_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, GraphFoldReport, dict[str, Folded]]:
+    """The folded model, its report, and for each node a fold made in it (by output tensor) the
+    original computation it replaces (what the proof checks). ``model`` itself is not changed;
+    with nothing to fold the result is an unchanged copy."""
+    start = time.perf_counter()
+    graph = gs.import_onnx(model)
+    state = FoldState(graph)
+    remove_constant_aliases(graph)
+    while True:
+        state.left_alone = {}  # only what the last round (the one that changed nothing) left holds
+        changed = sum(pattern(state) for pattern in PATTERNS)
+        graph.cleanup()
+        if not changed:
+            break
+    if state.counts:
+        folded = _with_model_fields(gs.export_onnx(graph), model)
+    else:
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
+    report = GraphFoldReport(
+        folded=dict(sorted(state.counts.items())),
+        ops_before=op_counts(model),
+        ops_after=op_counts(folded),
+        left_alone=list(state.left_alone.values()),
+        seconds=time.perf_counter() - start,
+        groups=list(state.groups),
+    )
+    return folded, report, state.folded
+
+
+def fold_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, GraphFoldReport]:
+    """Fold every foldable structure of ``model`` (pure: no proof, no I/O)."""
+    folded, report, _ = fold_model(model)
+    return folded, report
+
+
+def find_foldable(model: onnx.ModelProto) -> tuple[list[FoldableGroup], list[LeftAlone]]:
+    """What :func:`fold_graph` would fold (the first round and what the fixed point adds, nested
+    folds included), and what looks foldable but would be left alone."""
+    _, report, _ = fold_model(model)
+    return report.groups, report.left_alone

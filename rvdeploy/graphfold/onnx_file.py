@@ -1,0 +1,57 @@
+"""Folding an ONNX file: load (external data included), fold, prove, and write atomically."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import onnx
+
+from rvdeploy.errors import OutputError, first_line
+from rvdeploy.graphfold.fold import fold_model
+from rvdeploy.graphfold.proof import prove
+from rvdeploy.graphfold.results import GraphFoldError, GraphFoldOptions, GraphFoldReport
+from rvdeploy.onnx_io import load_onnx, save_onnx
+
+
+def save_folded(model: onnx.ModelProto, path: Path) -> Path:
+    """Save ``model`` after onnx's full check; GraphFoldError when the folded graph fails it."""
+    try:
+        return save_onnx(model, path, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise GraphFoldError(f"the folded graph fails onnx's full check, nothing written: {first_line(exc)}") from None
+
+
+def fold_onnx_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
+                   options: GraphFoldOptions = GraphFoldOptions()) -> GraphFoldReport:
+    """Fold the graph at ``input_path`` and write it to ``output_path``.
+
+    The input is loaded with its external data (:func:`rvdeploy.onnx_io.load_onnx`: a file that is
+    not a valid ONNX graph raises OnnxError, exit 1). With ``options.prove`` every folded node is
+    proved against the nodes it replaces before anything is written; a failed proof raises
+    :class:`GraphFoldError` (exit 3) naming the worst group. The output passes onnx's full check
+    and is byte-deterministic; over 2 GB it is written with external data (``OUT.data``).
+
+    Nothing to fold: the output is still written, an unchanged copy of the input graph, so that a
+    pipeline running ``fuse`` on every model keeps working; ``report.nothing_to_fold`` says so.
+    The output may not be the input file itself (OutputError): a failure would lose the input.
+    """
+    start = time.perf_counter()
+    source, target = Path(input_path), Path(output_path)
+    if target.resolve() == source.resolve():
+        raise OutputError(f"{target} is the input file: write the folded graph to another path")
+    model = load_onnx(source)
+    folded, report, folds = fold_model(model)
+    if options.prove and folds:
+        report.proof = prove(model, folded, folds, options)
+        if not report.proof.passed:
+            failing = [g for g in report.proof.groups if not g.passed]
+            worst = max(failing, key=lambda g: g.ratio)
+            raise GraphFoldError(
+                f"graph fold self-check failed for {source.name}: group {worst.name} ({worst.kind}) differs from "
+                f"the nodes it replaces by {worst.max_error:.3g}, {worst.ratio:.3g}x its float32 budget "
+                f"{worst.budget:.3g} ({len(failing)} of {len(report.proof.groups)} groups fail); nothing written")
+    save_folded(folded, target)
+    report.total_seconds = time.perf_counter() - start
+    return report

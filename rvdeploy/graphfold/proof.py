@@ -1,0 +1,138 @@
+"""The fold proves itself: every folded node of the output graph, run in float32 on its own input
+(captured from ONNX Runtime running the input graph on a seeded probe), must agree with the
+original nodes it replaces, run in float64, within what float32 explains for that group alone.
+
+The budget per output channel is the larger of (a) ``NOISE_MARGIN`` times how far the original
+nodes themselves, in float32, are from float64 on that input, and (b) the worst-case rounding of
+a float32 dot product as long as the folded node's fan-in (+ ``EXTRA_TERMS``), relative to the sum
+of the absolute terms before they cancel (the idea of ``rvdeploy.reparam.check_fold``). The whole
+graphs are compared end to end for the record only: a deep net can be chaotic on a probe.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from google.protobuf.message import EncodeError
+
+from rvdeploy.compare import EXTRA_TERMS, NOISE_MARGIN, SAFETY, U32, compare_outputs
+from rvdeploy.graphfold.fold import fold_model
+from rvdeploy.graphfold.nodes import read_conv, read_gemm
+from rvdeploy.graphfold.reference import Expr, GemmRef, Input
+from rvdeploy.graphfold.results import GraphFoldOptions, GraphFoldProof, GroupCheck
+from rvdeploy.graphfold.state import Folded
+from rvdeploy.onnx_io import ort_session, run_session
+from rvdeploy.probes import probe_feeds
+
+
+def _run(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str], what: str) -> dict[str, np.ndarray]:
+    """ONNX Runtime's values of the graph outputs and of ``extra_outputs`` (intermediate tensors,
+    added as outputs for this run only). A graph over protobuf's 2 GB runs from a temporary file."""
+    present = {o.name for o in model.graph.output} | set(feeds)
+    added = [name for name in extra_outputs if name not in present]
+    count = len(model.graph.output)
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+    try:
+        names = [o.name for o in model.graph.output]
+        try:
+            serialized = model.SerializeToString()
+        except (ValueError, EncodeError):  # over protobuf's 2 GB
+            serialized = None
+        if serialized is not None:
+            values = run_session(ort_session(serialized, name=what), feeds, what, names)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                copy = onnx.ModelProto()  # saving with external data moves the data out of the model saved
+                copy.CopyFrom(model)
+                onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+                values = run_session(ort_session(path, name=what), feeds, what, names)
+    finally:
+        del model.graph.output[count:]
+    return {**feeds, **dict(zip(names, values))}
+
+
+def _candidate(node: gs.Node) -> tuple[Expr, int]:
+    """The folded node as it is in the output graph, and its fan-in."""
+    if node.op == "Conv":
+        conv = read_conv(node)
+        return conv.reference(Input()), int(np.prod(conv.weight.shape[1:]))
+    weight, bias = read_gemm(node)
+    return GemmRef(Input(), weight, bias), weight.shape[1]
+
+
+def _channel_max(values: torch.Tensor) -> torch.Tensor:
+    """The largest value per channel (axis 1)."""
+    return values.transpose(0, 1).reshape(values.shape[1], -1).amax(1)
+
+
+def _ratio(error: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    ratio = torch.where(budget > 0, error / budget.clamp_min(1e-300), torch.where(error == 0, 0.0, math.inf))
+    return torch.nan_to_num(ratio, nan=math.inf)
+
+
+def check_group(folded: Folded, candidate: Expr, fan_in: int, x: np.ndarray, seed: int) -> GroupCheck:
+    """``candidate`` (float32) against ``folded.reference`` (float64) on ``x`` and on one Gaussian
+    image of ``x``'s scale (so a group whose real input is dead is tested all the same); the two
+    probes run as one batch and are judged apart."""
+    real = torch.from_numpy(np.asarray(x, np.float64))
+    finite = bool(torch.isfinite(real).all())
+    scale = real.std().item() if finite and real.numel() > 1 else 1.0
+    gaussian = torch.randn((1,) + real.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gaussian *= scale if 0 < scale < math.inf else 1.0
+    probes = [real, gaussian] if finite else [gaussian]
+    batch = torch.cat(probes)
+    with torch.inference_mode():
+        reference = folded.reference.run(batch, torch.float64)
+        original32 = folded.reference.run(batch, torch.float32).double()
+        result = candidate.run(batch, torch.float32).double()
+        terms = folded.reference.bound(torch.stack([_channel_max(p.abs()) for p in probes]))
+    worst = (-1.0, 0.0, 0.0)  # ratio, error, budget
+    start = 0
+    for probe, probe_terms in zip(probes, terms):
+        part = slice(start, start + probe.shape[0])
+        start += probe.shape[0]
+        error = _channel_max((result[part] - reference[part]).abs())
+        rounding = SAFETY * (fan_in + EXTRA_TERMS) * U32 * probe_terms
+        budget = torch.maximum(NOISE_MARGIN * _channel_max((original32[part] - reference[part]).abs()), rounding)
+        ratios = _ratio(error, budget)
+        channel = int(ratios.argmax())
+        if ratios[channel].item() > worst[0]:
+            worst = (ratios[channel].item(), error[channel].item(), budget[channel].item())
+    return GroupCheck(folded.name, folded.kind, max_error=worst[1], budget=worst[2], ratio=worst[0])
+
+
+def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[str, Folded],
+          options: GraphFoldOptions = GraphFoldOptions()) -> GraphFoldProof:
+    """Check each node of ``folded_model`` that a fold made (``folds``, by output tensor) against
+    the original nodes it replaces, on its input captured from ``original``; compare the graphs
+    end to end for the record."""
+    feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
+    captured = _run(original, feeds, sorted({f.input for f in folds.values()}), "the input graph")
+    after = _run(folded_model, feeds, [], "the folded graph")
+    tensors = gs.import_onnx(folded_model).tensors()
+    checks = []
+    for index, (output, folded) in enumerate(folds.items()):
+        candidate, fan_in = _candidate(tensors[output].inputs[0])
+        checks.append(check_group(folded, candidate, fan_in, captured[folded.input], options.seed + 1 + index))
+    first_output = original.graph.output[0].name
+    end_to_end = compare_outputs(after[first_output], captured[first_output])
+    worst = max(checks, key=lambda c: c.ratio, default=None)
+    return GraphFoldProof(groups=checks, worst_group=worst.name if worst else None,
+                          worst_ratio=worst.ratio if worst else 0.0, end_to_end=end_to_end,
+                          passed=all(c.passed for c in checks))
+
+
+def prove_graph_fold(original: onnx.ModelProto, folded_model: onnx.ModelProto,
+                     options: GraphFoldOptions = GraphFoldOptions()) -> GraphFoldProof:
+    """Prove that ``folded_model`` (e.g. a file written earlier, or one edited since) computes what
+    ``original`` computes: the groups are found again by folding ``original``."""
+    _, _, folds = fold_model(original)
+    return prove(original, folded_model, folds, options)
+

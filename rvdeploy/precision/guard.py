@@ -1,0 +1,118 @@
+"""The accuracy guard: take the layers INT8 hurts most out of INT8, one at a time, until the graph is good enough.
+
+Two limits, each usable alone or both together: ``min_sqnr_db``, the SQNR of the model outputs
+against FP32 on the calibration images (no labels needed), and ``max_top1_drop``, the top-1 drop in
+points on a labelled validation folder. Both rank layers the same way, by their SQNR alone
+(:mod:`rvdeploy.precision.sensitivity`); labels only judge the candidate graphs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from rvdeploy.compare import json_safe
+from rvdeploy.data import ImageSet, batches, pad_batch
+from rvdeploy.errors import QuantizeError
+from rvdeploy.onnx_io import fixed_batch, ort_session, run_session
+from rvdeploy.precision.mixed import MixedGraph
+from rvdeploy.precision.sensitivity import FEED_BATCH, OutputProbe
+from rvdeploy.preprocess import Preprocess
+
+# FP32 recomputed in another order stays near 140 dB; FP16 alone reaches about 60-80 dB. A limit
+# beyond this is no INT8 graph's, and a limit of 0 dB or less lets noise as large as the signal pass.
+MAX_MIN_SQNR_DB = 100.0
+
+
+def check_min_sqnr(value: float | None) -> None:
+    """Refuse a label-free limit that is not a finite number of dB in (0, MAX_MIN_SQNR_DB]."""
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= MAX_MIN_SQNR_DB:
+        raise QuantizeError(f"--min-sqnr must be a number of dB above 0 and at most {MAX_MIN_SQNR_DB:g} "
+                            f"(FP16 alone reaches about 60-80 dB), got {value}")
+
+
+class Top1Scorer:
+    """Top-1 (percent) of graphs on labelled images (preprocessed once), with ONNX Runtime; the first
+    output must be the logits."""
+
+    def __init__(self, model: onnx.ModelProto, images: ImageSet, recipe: Preprocess, what: str | os.PathLike) -> None:
+        fixed = fixed_batch(model)
+        self.feeds, labels, self.rows = [], [], []
+        for pixels, indices in batches(images, recipe, fixed or FEED_BATCH):
+            self.feeds.append({model.graph.input[0].name: pad_batch(pixels, fixed) if fixed else pixels})
+            self.rows.append(len(pixels))
+            labels += [images.labels[i] for i in indices]
+        self.labels, self.what = np.asarray(labels), what
+
+    def top1(self, model: onnx.ModelProto) -> float:
+        session = ort_session(model.SerializeToString(), name=f"a quantized graph of {self.what}")
+        logits = np.concatenate([run_session(session, feed, self.what)[0][:rows] for feed, rows in zip(self.feeds, self.rows)])
+        if logits.ndim != 2:
+            raise QuantizeError(f"{self.what}: its first output has shape {logits.shape[1:]} per image, not logits: "
+                                "the --val guard needs a classifier (use --min-sqnr)")
+        return float((logits.argmax(1) == self.labels).mean() * 100)
+
+
+@dataclass
+class GuardReport:
+    min_sqnr_db: float | None
+    max_top1_drop: float | None
+    int8_sqnr_db: float  # every layer in INT8
+    final_sqnr_db: float
+    fp32_top1: float | None = None  # with labels only
+    int8_top1: float | None = None
+    final_top1: float | None = None
+    fallback: list[str] = field(default_factory=list)  # layers taken out of INT8, most sensitive first
+    steps: list[dict] = field(default_factory=list)  # after each fallback: node, sqnr_db, top1
+
+    @property
+    def met(self) -> bool:
+        return _met(self.min_sqnr_db, self.max_top1_drop, self.final_sqnr_db, self.fp32_top1, self.final_top1)
+
+    def to_dict(self) -> dict:
+        return json_safe({**asdict(self), "met": self.met})
+
+
+def _met(min_sqnr_db, max_top1_drop, sqnr, fp32_top1, top1) -> bool:
+    sqnr_ok = min_sqnr_db is None or sqnr >= min_sqnr_db  # NaN fails
+    top1_ok = max_top1_drop is None or fp32_top1 - top1 <= max_top1_drop
+    return sqnr_ok and top1_ok
+
+
+def fall_back_until_met(
+    fp32: onnx.ModelProto,
+    first: MixedGraph,
+    ranking: list[str],
+    build: Callable[[tuple[str, ...]], MixedGraph],
+    probe: OutputProbe,
+    min_sqnr_db: float | None,
+    max_top1_drop: float | None = None,
+    scorer: Top1Scorer | None = None,
+) -> tuple[MixedGraph, GuardReport]:
+    """From ``first`` (every layer in INT8), ``build(fallback)`` for the shortest prefix ``fallback`` of
+    ``ranking`` (most sensitive layer first) that meets every limit given, and the guard's report.
+    Every candidate is measured whole: the limits hold for the graph that is written, not an estimate."""
+    if (max_top1_drop is None) != (scorer is None):
+        raise QuantizeError("the accuracy guard needs both --val and --max-top1-drop")
+    candidate = first
+    report = GuardReport(min_sqnr_db, max_top1_drop, probe.sqnr(candidate.model), math.nan)
+    report.final_sqnr_db = report.int8_sqnr_db
+    if scorer is not None:
+        report.fp32_top1 = scorer.top1(fp32)
+        report.int8_top1 = report.final_top1 = scorer.top1(candidate.model)
+    for node in ranking:
+        if report.met:
+            break
+        report.fallback.append(node)
+        candidate = build(tuple(report.fallback))
+        report.final_sqnr_db = probe.sqnr(candidate.model)
+        report.final_top1 = scorer.top1(candidate.model) if scorer else None
+        report.steps.append({"node": node, "sqnr_db": report.final_sqnr_db, "top1": report.final_top1})
+    return candidate, report

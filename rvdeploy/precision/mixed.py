@@ -1,0 +1,56 @@
+"""The deployable INT8 graph with some layers taken out of INT8, in the precision the target runs them.
+
+TensorRT runs a layer without Q/DQ in FP16 (in a strongly typed network: because its tensors are
+FP16), so for the ``tensorrt`` target a fallback layer is typed FP16 in the graph: FP16 weights,
+Cast nodes around it, its ReLU with it. It stays FP32 only where FP16 cannot hold its weights or the
+activations it reads or writes on the calibration images (fp16.py's range check). ONNX Runtime on
+CPUs has no FP16 kernels worth having: for the ``onnxruntime`` target a fallback layer is FP32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from rvdeploy.precision.calib import Calibration
+from rvdeploy.precision.fp16 import convert_fp16, plan_fp32_nodes
+from rvdeploy.precision.int8 import quantizable_nodes, quantize_int8
+
+PRECISIONS = ("int8", "fp16", "fp32")
+
+
+@dataclass
+class MixedGraph:
+    model: onnx.ModelProto
+    precisions: dict[str, str]  # Conv/Gemm node → "int8", "fp16" or "fp32"
+
+
+def _with_activation(graph: gs.Graph, layers: set[str]) -> set[str]:
+    """``layers`` and the Relu each feeds alone: TensorRT fuses Conv + bias + ReLU, so they share a precision."""
+    names = set(layers)
+    for node in graph.nodes:
+        consumers = node.outputs[0].outputs if node.name in layers and node.outputs else []
+        if len(consumers) == 1 and consumers[0].op == "Relu" and consumers[0].name:
+            names.add(consumers[0].name)
+    return names
+
+
+def fallback_graph(graph_path: str | os.PathLike, calibration: Calibration, target: str, fallback: tuple[str, ...],
+                   activation_peaks: Callable[[], dict[str, float]]) -> MixedGraph:
+    """The Q/DQ graph of ``graph_path`` with the ``fallback`` layers out of INT8, and each Conv/Gemm's
+    precision ("int8", "fp16" or "fp32"). ``activation_peaks`` gives the largest |value| of every
+    tensor on the calibration images; it is called only when a layer falls back to FP16."""
+    quantized = quantize_int8(graph_path, calibration, target, nodes_to_exclude=fallback)
+    precisions = {node: "fp32" if node in fallback else "int8" for node in quantizable_nodes(quantized)}
+    if not fallback or target != "tensorrt":
+        return MixedGraph(quantized, precisions)
+    graph = gs.import_onnx(quantized)
+    overflowing = {kept.node for kept in plan_fp32_nodes(graph, activation_peaks())}
+    fp16 = _with_activation(graph, set(fallback) - overflowing) - overflowing
+    precisions.update({node: "fp16" for node in fallback if node in fp16})
+    typed = convert_fp16(quantized, keep_fp32={n.name for n in graph.nodes} - fp16)
+    return MixedGraph(typed, precisions)

@@ -1,0 +1,32 @@
+"""Seeded probe inputs for any ONNX graph: what a graph-level proof (a graph fold, an equalization)
+runs the graph before and after on."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+
+def probe_feeds(model: onnx.ModelProto, batch: int = 2, size: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs shaped like the graph's: fixed dims kept, a dynamic batch → ``batch``, other dynamic
+    dims → ``size``. Image-like for a float N x C x H x W input, standard normal for other float
+    inputs, zeros for the rest. A net fitted to images can be chaotic on white noise (D2se's float32
+    and float64 outputs differ by O(1) there), so that no error budget would say anything."""
+    from rvdeploy.synthetic import image_like_batch  # torch: only when a graph has an image input
+
+    rng = np.random.default_rng(seed)
+    initializers = {init.name for init in model.graph.initializer}
+    feeds = {}
+    for value in (v for v in model.graph.input if v.name not in initializers):
+        tensor_type = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if axis == 0 else size)
+                 for axis, d in enumerate(tensor_type.shape.dim)]
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        if dtype.kind != "f":
+            feeds[value.name] = np.zeros(shape, dtype)
+        elif len(shape) == 4:
+            images = image_like_batch(shape[0], shape[1], max(shape[2:]), seed).numpy()
+            feeds[value.name] = np.ascontiguousarray(images[:, :, :shape[2], :shape[3]]).astype(dtype)
+        else:
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
