@@ -125,10 +125,10 @@ def main() -> None:
     notes = (f"ONNX Runtime CPU, {args.threads} intra-op thread(s); latency = the best p50 of two interleaved "
              f"rounds (before, after, before, after) of >= {args.min_s} s each; "
              f"{args.size} px inputs (the RepVGG-B3 graph is exported at 64 px: its fold time does not depend on it "
-             "and the proof's float64 reference stays short). The machine's 2 cores are shared with other "
-             "jobs while this ran: latencies are indicative, compare within a row. Goal: the >100 MB graph "
-             "folds in under 10 s (fold_graph). 'worst group ratio' is the proof's largest error/budget over "
-             "the folded groups (must be <= 1).")
+             "and the proof's float64 reference stays short). 2 cores, which other jobs may share: latencies "
+             "are indicative, compare within a row. Goal: the >100 MB graph folds in under 10 s (fold_graph: "
+             "the fold itself; fold_onnx_file adds loading, the ONNX Runtime proof and the checked save). "
+             "'worst group ratio' is the proof's largest error/budget over the folded groups (must be <= 1).")
     print(write_results("graph_fold", rows, columns, notes))
 
 
