@@ -144,10 +144,6 @@ class ArchSpec:
     def stage_channels(self, stage: int) -> int:
         return self.stem_width if stage == 0 else self.widths[stage - 1]
 
-    def stage_stride(self, stage: int) -> int:
-        """The output stride of ``stage``: every stage starts with a stride-2 block."""
-        return 2 ** (stage + 1)
-
     @property
     def is_zoo(self) -> bool:
         return self.name in ZOO_NAMES
