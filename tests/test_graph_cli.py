@@ -10,7 +10,7 @@ import torch
 from rvdeploy.arch import custom_spec
 from rvdeploy.compare import compare_outputs
 from rvdeploy.model import build_model
-from rvdeploy.onnx_io import ort_session
+from rvdeploy.onnx_io import ort_session, read_metadata
 
 from conftest import DIGITS_CKPT, trained_like_state_dict
 from test_cli import assert_one_line_error, run
@@ -117,6 +117,7 @@ def test_an_unfolded_rvdeploy_export_folded_in_the_graph_passes_verify_against_i
     assert code == 0, stdout + stderr
     report = json.loads(stdout)
     assert report["conv_layers"] == report["expected_layers"] == 8 and report["parity"]["passed"]
+    assert read_metadata(onnx.load(plain))["form"] == "fused"  # what bench and eval then call it
 
 
 def test_the_shipped_foreign_graph_folds_to_its_plain_form(tmp_path):

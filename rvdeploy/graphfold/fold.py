@@ -13,6 +13,7 @@ from rvdeploy.graphfold.parallel import fold_parallel
 from rvdeploy.graphfold.patterns import fold_bn_gemm, fold_conv_bn
 from rvdeploy.graphfold.results import FoldableGroup, GraphFoldReport, LeftAlone
 from rvdeploy.graphfold.state import Folded, FoldState
+from rvdeploy.onnx_io import read_metadata, write_metadata
 
 # Applied in this order each round: chains first, so that a branch is one node when groups are sought.
 PATTERNS = (fold_conv_bn, fold_bn_gemm, fold_parallel)
@@ -57,6 +58,8 @@ def fold_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, GraphFoldReport
             break
     if state.counts:
         folded = _with_model_fields(gs.export_onnx(graph), model)
+        if read_metadata(folded).get("form") == "multi-branch":  # rvdeploy's --no-fuse export, folded here
+            write_metadata(folded, {"form": "fused"})
     else:
         folded = onnx.ModelProto()
         folded.CopyFrom(model)
