@@ -35,7 +35,7 @@ from rvdeploy.data import batches, image_folder, labelled_folder
 from rvdeploy.eval import run_evaluation
 from rvdeploy.export import ExportOptions, export_onnx
 from rvdeploy.imbalance import imbalance_graph
-from rvdeploy.machine import describe_machine
+from rvdeploy.machine import INT8_FLAGS, describe_machine
 from rvdeploy.onnx_io import ort_session, read_metadata, save_onnx
 from rvdeploy.pipeline import Int8Options, export_model, quantize_model
 from rvdeploy.preprocess import Preprocess
@@ -173,8 +173,8 @@ def interleaved(paths: dict[str, Path], batch: int, seconds: float, block: int =
 
 
 def cpu_flags() -> str:
-    flags = set(next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "").split())
-    return ", ".join(f"{flag}: {'yes' if flag in flags else 'no'}" for flag in ("avx2", "avx512_vnni", "avx_vnni"))
+    present = describe_machine()["cpu_int8_flags"]
+    return ", ".join(f"{flag}: {'yes' if flag in present else 'no'}" for flag in INT8_FLAGS)
 
 
 def latency_rows(batch: int, seconds: float, images: int) -> list[dict]:

@@ -18,7 +18,7 @@ import torch
 
 from rvdeploy.backends import RUNS, backend_for
 from rvdeploy.checkpoint import load_weights
-from rvdeploy.compare import compare_outputs
+from rvdeploy.compare import compare_outputs, worst
 from rvdeploy.errors import RvdeployError
 from rvdeploy.machine import describe_machine
 from rvdeploy.model import DEFAULT_BN_EPS, as_tuple
@@ -113,12 +113,12 @@ def _same_function(runners: list[Runner], shape: tuple[int, int, int]) -> list[d
             raise BenchError(f"{runner.name}: the {runner.form} net gives {len(candidate)} outputs, "
                              f"the {first.form} net {len(reference32)}")
         comparisons = [compare_outputs(c, r64, r32) for c, r64, r32 in zip(candidate, reference64, reference32)]
-        worst = max(comparisons, key=lambda c: c.max_rel_error / c.budget_rel)
+        closest = worst(comparisons)
         if not all(c.passed for c in comparisons):
             raise BenchError(f"{runner.name}: the {runner.form} net does not compute what the {first.form} net does "
-                             f"(relative error {worst.max_rel_error:.3g}, float32 explains {worst.budget_rel:.3g})")
+                             f"(relative error {closest.max_rel_error:.3g}, float32 explains {closest.budget_rel:.3g})")
         checks.append({"model": runner.label, "candidate": runner.form, "reference": first.form,
-                       "outputs": len(comparisons), **worst.to_dict()})
+                       "outputs": len(comparisons), **closest.to_dict()})
     return checks
 
 

@@ -12,6 +12,7 @@ reference by a small multiple of it, and anything beyond is a real discrepancy.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -92,12 +93,21 @@ class Comparison:
             return None if self.finite else False
         return self.finite and self.max_rel_error <= self.budget_rel
 
+    @property
+    def severity(self) -> float:
+        """The error as a share of its budget (over 1: failed; inf when not finite); without a budget,
+        the relative error itself."""
+        if not self.finite:
+            return math.inf
+        return self.max_rel_error if self.budget_rel is None else self.max_rel_error / self.budget_rel
+
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data["passed"] = self.passed
-        if math.isinf(self.sqnr_db):
-            data["sqnr_db"] = None  # JSON has no infinity: identical outputs
-        return data
+        return json_safe({**asdict(self), "passed": self.passed})  # identical outputs' SQNR is inf: None
+
+
+def worst(comparisons: Iterable[Comparison]) -> Comparison:
+    """The comparison nearest to (or furthest over) its budget: what a multi-output check reports."""
+    return max(comparisons, key=lambda c: c.severity)
 
 
 def compare_outputs(candidate, reference, reference32=None, budget_rel: float | None = None) -> Comparison:

@@ -20,18 +20,27 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` when a file can be written there, else one line naming ``what`` (``--report``...):
+    callers with slow work ahead check before it."""
+    if not str(path).strip():
+        raise OutputError(f"{what} needs a file path, got an empty one")
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise OutputError(f"{what} directory {target.parent} does not exist")
+    if target.is_dir():
+        raise OutputError(f"{what} {target} is a directory")
+    return target
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
 
     A failure at any point leaves an existing ``path`` untouched and no temporary file behind.
     """
-    target = Path(path)
+    target = check_output_path(path)
     parent = target.parent
-    if not parent.is_dir():
-        raise OutputError(f"output directory {parent} does not exist")
-    if target.is_dir():
-        raise OutputError(f"output {target} is a directory")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)

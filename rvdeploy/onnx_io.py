@@ -18,7 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from rvdeploy.errors import OnnxError, OutputError, first_line
-from rvdeploy.files import atomic_output
+from rvdeploy.files import atomic_output, check_output_path
 
 METADATA_PREFIX = "rvdeploy."
 # ONNX Runtime's FATAL log level: it logs errors on stderr on its own, besides raising them.
@@ -79,6 +79,12 @@ def _first_non_text(message) -> str | None:
     return None
 
 
+def runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs fed at run time: an old IR version also lists every initializer among the inputs."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initializers]
+
+
 def with_min_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
     """Set the lowest IR version that carries the model's opsets: every runtime that knows them reads it."""
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
@@ -108,8 +114,7 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 def _save_with_external_data(model: onnx.ModelProto, path: Path, full_check: bool) -> Path:
     """``path`` plus its weights in ``path.name + '.data'``, both staged under temporary names and
     checked there (the checker cannot hold such a model in one protobuf) before they replace anything."""
-    if not path.parent.is_dir():
-        raise OutputError(f"output directory {path.parent} does not exist")
+    check_output_path(path)
     data_name = path.name + ".data"
     staged_model = onnx.ModelProto()
     staged_model.CopyFrom(model)  # saving with external data moves the tensors out of the model it is given

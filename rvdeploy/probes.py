@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from rvdeploy.onnx_io import runtime_inputs
+
 
 def probe_feeds(model: onnx.ModelProto, batch: int = 2, size: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs shaped like the graph's: fixed dims kept, a dynamic batch → ``batch``, other dynamic
@@ -15,9 +17,8 @@ def probe_feeds(model: onnx.ModelProto, batch: int = 2, size: int = 64, seed: in
     from rvdeploy.synthetic import image_like_batch  # torch: only when a graph has an image input
 
     rng = np.random.default_rng(seed)
-    initializers = {init.name for init in model.graph.initializer}
     feeds = {}
-    for value in (v for v in model.graph.input if v.name not in initializers):
+    for value in runtime_inputs(model):
         tensor_type = value.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if axis == 0 else size)
                  for axis, d in enumerate(tensor_type.shape.dim)]

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from rvdeploy.arch import ArchSpec, BlockSpec
-from rvdeploy.compare import compare_outputs
+from rvdeploy.compare import compare_outputs, worst
 from rvdeploy.errors import RvdeployError
 from rvdeploy.graphfold import BN_GEMM, CONV_BN, PARALLEL, find_foldable
 from rvdeploy.model import as_tuple
@@ -313,17 +313,17 @@ def check_parity(
         compare_outputs(*(np.concatenate([per_batch[i] for per_batch in runs]) for runs in (got, expected64, expected32)))
         for i in range(len(names))
     ]
-    worst = max(range(len(names)), key=lambda i: comparisons[i].max_rel_error / comparisons[i].budget_rel)
+    closest = worst(comparisons)
     return Parity(
         batches=tuple(batches),
         max_abs_error=max(c.max_abs_error for c in comparisons),
-        max_rel_error=comparisons[worst].max_rel_error,
-        float32_noise_rel=comparisons[worst].noise_rel,
-        tolerance_rel=comparisons[worst].budget_rel,
+        max_rel_error=closest.max_rel_error,
+        float32_noise_rel=closest.noise_rel,
+        tolerance_rel=closest.budget_rel,
         reference=f"{weights.form} torch model",
         passed=all(bool(c.passed) for c in comparisons),
         outputs=tuple(names),
-        worst_output=names[worst],
+        worst_output=names[comparisons.index(closest)],
     )
 
 

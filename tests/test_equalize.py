@@ -92,7 +92,7 @@ def test_equalization_is_exact_on_zoo_graphs(zoo, name):
         expected32 = weights.to_module()(x).numpy()
     parity = compare_outputs(ort_outputs(equalized, x.numpy()), expected64, expected32)
     assert parity.passed, parity
-    spreads = report.layer_spreads()
+    spreads = report.node_spreads
     convs = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
     if not any(block.se_channels for block in weights.spec.blocks):
         assert report.skipped == [] and len(report.pairs) == len(convs) - 1
@@ -213,7 +213,7 @@ def test_single_conv_has_nothing_to_equalize():
     _, report = equalize_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert report.nothing_to_equalize and len(report.skipped) == 1
     assert report.skipped[0].first == "only" and "y is a graph output" in report.skipped[0].reason
-    assert report.to_dict()["pairs"] == [] and report.layer_spreads() == {}
+    assert report.to_dict()["pairs"] == [] and report.node_spreads == {}
 
 
 def test_a_changed_function_fails_the_proof_naming_the_output(digits_onnx):
@@ -241,7 +241,7 @@ def test_imbalance_keeps_the_function_and_equalization_undoes_it(digits_onnx):
         parity = compare_outputs(ort_outputs(imbalanced, x), expected64, expected32)
         assert parity.passed, parity
         _, report = equalize_graph(imbalanced)
-        spreads, originals = report.layer_spreads(), reference.layer_spreads()
+        spreads, originals = report.node_spreads, reference.node_spreads
         assert max(b for b, _ in spreads.values()) > 10 * max(b for b, _ in originals.values())
         for node, (before, after) in spreads.items():
             assert before > originals[node][0]

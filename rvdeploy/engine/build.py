@@ -21,7 +21,7 @@ from rvdeploy.engine.library import Library, collecting_logger, load_library
 from rvdeploy.engine.sidecar import SIDECAR_FORMAT, read_sidecar, sidecar_path, write_sidecar
 from rvdeploy.errors import RvdeployError, first_line
 from rvdeploy.files import atomic_output, sha256_file
-from rvdeploy.onnx_io import load_onnx, precision_label, read_metadata
+from rvdeploy.onnx_io import load_onnx, precision_label, read_metadata, runtime_inputs
 
 DEFAULT_BATCHES = (1, 8, 32)
 
@@ -200,8 +200,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, b
         "backend": chosen.name,
         "library_version": chosen.version,
         "profiles": profiles,
-        # (an old IR version lists the initializers among the inputs)
-        "inputs": _tensors(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}),
+        "inputs": _tensors(runtime_inputs(model)),
         "outputs": _tensors(model.graph.output),  # every one: a backbone export has one per feature stage
         "engine_sha256": sha256_file(engine_path),
         "engine_bytes": len(engine),

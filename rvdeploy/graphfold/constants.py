@@ -75,7 +75,3 @@ def single_reader(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
     if tensor.name in graph_outputs or len(tensor.outputs) != 1:
         return None
     return tensor.outputs[0]
-
-
-def producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if len(tensor.inputs) == 1 else None

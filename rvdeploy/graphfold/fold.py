@@ -8,6 +8,7 @@ from collections import Counter
 import onnx
 import onnx_graphsurgeon as gs
 
+from rvdeploy.graph_edit import export_like
 from rvdeploy.graphfold.constants import remove_constant_aliases
 from rvdeploy.graphfold.parallel import fold_parallel
 from rvdeploy.graphfold.patterns import fold_bn_gemm, fold_conv_bn
@@ -23,30 +24,8 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
 
 
-def _with_model_fields(graph_model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
-    """``graph_model`` with every field but the graph taken from ``original``: IR version, opset
-    imports, metadata, producer, local functions stay as they were."""
-    for fd in onnx.ModelProto.DESCRIPTOR.fields:
-        if fd.name != "graph":
-            graph_model.ClearField(fd.name)
-    for fd, value in original.ListFields():
-        if fd.name == "graph":
-            continue
-        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
-        if repeated:
-            getattr(graph_model, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(graph_model, fd.name).CopyFrom(value)
-        else:
-            setattr(graph_model, fd.name, value)
-    return graph_model
-
-
-def fold_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, GraphFoldReport, dict[str, Folded]]:
-    """The folded model, its report, and for each node a fold made in it (by output tensor) the
-    original computation it replaces (what the proof checks). ``model`` itself is not changed;
-    with nothing to fold the result is an unchanged copy."""
-    start = time.perf_counter()
+def _fold_to_fixed_point(model: onnx.ModelProto) -> FoldState:
+    """Every pattern applied to ``model``'s graph (imported, so ``model`` is not changed) until none applies."""
     graph = gs.import_onnx(model)
     state = FoldState(graph)
     remove_constant_aliases(graph)
@@ -55,9 +34,17 @@ def fold_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, GraphFoldReport
         changed = sum(pattern(state) for pattern in PATTERNS)
         graph.cleanup()
         if not changed:
-            break
+            return state
+
+
+def fold_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, GraphFoldReport, dict[str, Folded]]:
+    """The folded model, its report, and for each node a fold made in it (by output tensor) the
+    original computation it replaces (what the proof checks). ``model`` itself is not changed;
+    with nothing to fold the result is an unchanged copy."""
+    start = time.perf_counter()
+    state = _fold_to_fixed_point(model)
     if state.counts:
-        folded = _with_model_fields(gs.export_onnx(graph), model)
+        folded = export_like(state.graph, model)
         if read_metadata(folded).get("form") == "multi-branch":  # rvdeploy's --no-fuse export, folded here
             write_metadata(folded, {"form": "fused"})
     else:
@@ -83,5 +70,5 @@ def fold_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, GraphFoldReport
 def find_foldable(model: onnx.ModelProto) -> tuple[list[FoldableGroup], list[LeftAlone]]:
     """What :func:`fold_graph` would fold (the first round and what the fixed point adds, nested
     folds included), and what looks foldable but would be left alone."""
-    _, report, _ = fold_model(model)
-    return report.groups, report.left_alone
+    state = _fold_to_fixed_point(model)  # no export: a lint needs what would fold, not the folded graph
+    return list(state.groups), list(state.left_alone.values())

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from rvdeploy.graph_edit import node_label
 from rvdeploy.graphfold.constants import constant_value
 from rvdeploy.graphfold.linear import bn_scale_shift
 from rvdeploy.graphfold.reference import BatchNormRef, ConvRef, Expr
@@ -15,13 +16,6 @@ from rvdeploy.graphfold.reference import BatchNormRef, ConvRef, Expr
 
 class NotFoldable(Exception):
     """A node that cannot take part in a fold; the message says why."""
-
-
-def node_label(node: gs.Node) -> str:
-    """A name a user can find in Netron: the node's name, else its op and output."""
-    if node.name:
-        return node.name
-    return f"{node.op} writing {node.outputs[0].name}" if node.outputs else node.op
 
 
 def _input(node: gs.Node, index: int) -> gs.Tensor | None:

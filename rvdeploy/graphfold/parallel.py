@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rvdeploy.graphfold.constants import constant_value, producer, single_reader
+from rvdeploy.graph_edit import node_label, producer
+from rvdeploy.graphfold.constants import constant_value, single_reader
 from rvdeploy.graphfold.linear import CONV, GEMM, AffineMap, diagonal_map, identity_map, merge
-from rvdeploy.graphfold.nodes import NotFoldable, node_label, read_batch_norm
+from rvdeploy.graphfold.nodes import NotFoldable, read_batch_norm
 from rvdeploy.graphfold.reference import Expr, Input, SumRef
 from rvdeploy.graphfold.results import PARALLEL
 from rvdeploy.graphfold.state import FoldState

@@ -4,9 +4,10 @@ every match it finds and returns how many; the parallel-branch pattern lives in 
 
 from __future__ import annotations
 
-from rvdeploy.graphfold.constants import producer, single_reader
+from rvdeploy.graph_edit import node_label, producer
+from rvdeploy.graphfold.constants import single_reader
 from rvdeploy.graphfold.linear import CONV, GEMM, AffineMap
-from rvdeploy.graphfold.nodes import NotFoldable, node_label, read_batch_norm
+from rvdeploy.graphfold.nodes import NotFoldable, read_batch_norm
 from rvdeploy.graphfold.reference import Input
 from rvdeploy.graphfold.results import BN_GEMM, CONV_BN
 from rvdeploy.graphfold.state import FoldState

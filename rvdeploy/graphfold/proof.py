@@ -21,13 +21,13 @@ import onnx_graphsurgeon as gs
 import torch
 from google.protobuf.message import EncodeError
 
-from rvdeploy.compare import EXTRA_TERMS, NOISE_MARGIN, SAFETY, U32, compare_outputs
+from rvdeploy.compare import EXTRA_TERMS, NOISE_MARGIN, SAFETY, U32, compare_outputs, worst
 from rvdeploy.graphfold.fold import fold_model
 from rvdeploy.graphfold.nodes import read_conv, read_gemm
 from rvdeploy.graphfold.reference import Expr, GemmRef, Input
 from rvdeploy.graphfold.results import GraphFoldOptions, GraphFoldProof, GroupCheck
 from rvdeploy.graphfold.state import Folded
-from rvdeploy.onnx_io import ort_session, run_session
+from rvdeploy.onnx_io import ort_session, run_session, save_onnx
 from rvdeploy.probes import probe_feeds
 
 
@@ -48,10 +48,7 @@ def _run(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str], what: st
             values = run_session(ort_session(serialized, name=what, optimize=False), feeds, what, names)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.onnx"
-                copy = onnx.ModelProto()  # saving with external data moves the data out of the model saved
-                copy.CopyFrom(model)
-                onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+                path = save_onnx(model, Path(tmp) / "model.onnx")  # its weights in model.onnx.data beside it
                 values = run_session(ort_session(path, name=what, optimize=False), feeds, what, names)
     finally:
         del model.graph.output[count:]
@@ -93,7 +90,7 @@ def check_group(folded: Folded, candidate: Expr, fan_in: int, x: np.ndarray, see
         original32 = folded.reference.run(batch, torch.float32).double()
         result = candidate.run(batch, torch.float32).double()
         terms = folded.reference.bound(torch.stack([_channel_max(p.abs()) for p in probes]))
-    worst = (-1.0, 0.0, 0.0)  # ratio, error, budget
+    highest = (-1.0, 0.0, 0.0)  # ratio, error, budget
     start = 0
     for probe, probe_terms in zip(probes, terms):
         part = slice(start, start + probe.shape[0])
@@ -103,9 +100,9 @@ def check_group(folded: Folded, candidate: Expr, fan_in: int, x: np.ndarray, see
         budget = torch.maximum(NOISE_MARGIN * _channel_max((original32[part] - reference[part]).abs()), rounding)
         ratios = _ratio(error, budget)
         channel = int(ratios.argmax())
-        if ratios[channel].item() > worst[0]:
-            worst = (ratios[channel].item(), error[channel].item(), budget[channel].item())
-    return GroupCheck(folded.name, folded.kind, max_error=worst[1], budget=worst[2], ratio=worst[0])
+        if ratios[channel].item() > highest[0]:
+            highest = (ratios[channel].item(), error[channel].item(), budget[channel].item())
+    return GroupCheck(folded.name, folded.kind, max_error=highest[1], budget=highest[2], ratio=highest[0])
 
 
 def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[str, Folded],
@@ -121,11 +118,10 @@ def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[
     for index, (output, folded) in enumerate(folds.items()):
         candidate, fan_in = _candidate(tensors[output].inputs[0])
         checks.append(check_group(folded, candidate, fan_in, captured[folded.input], options.seed + 1 + index))
-    end_to_end = max((compare_outputs(after[o.name], captured[o.name]) for o in original.graph.output),
-                     key=lambda c: c.max_rel_error)  # the worst output of a multi-output graph
-    worst = max(checks, key=lambda c: c.ratio, default=None)
-    return GraphFoldProof(groups=checks, worst_group=worst.name if worst else None,
-                          worst_ratio=worst.ratio if worst else 0.0, end_to_end=end_to_end,
+    end_to_end = worst(compare_outputs(after[o.name], captured[o.name]) for o in original.graph.output)
+    worst_group = max(checks, key=lambda c: c.ratio, default=None)
+    return GraphFoldProof(groups=checks, worst_group=worst_group.name if worst_group else None,
+                          worst_ratio=worst_group.ratio if worst_group else 0.0, end_to_end=end_to_end,
                           passed=all(c.passed for c in checks))
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from rvdeploy.graphfold.linear import GEMM, AffineMap
-from rvdeploy.graphfold.nodes import ConvNode, node_label, read_conv, read_gemm
+from rvdeploy.graph_edit import node_label
+from rvdeploy.graphfold.nodes import ConvNode, read_conv, read_gemm
 from rvdeploy.graphfold.reference import Expr, GemmRef, Input
 from rvdeploy.graphfold.results import FoldableGroup, LeftAlone
 

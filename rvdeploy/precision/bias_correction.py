@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 
 from rvdeploy.compare import json_safe
 from rvdeploy.errors import QuantizeError
+from rvdeploy.graph_edit import export_like
 from rvdeploy.onnx_io import ort_session, run_session
 from rvdeploy.precision.int8 import quantizable_nodes
 
@@ -86,9 +87,7 @@ def _channel_mean_graph(model: onnx.ModelProto, ranks: dict[str, int]) -> tuple[
         means.append(mean)
     graph.outputs = means
     graph.cleanup()
-    measured = gs.export_onnx(graph)
-    measured.ir_version = model.ir_version
-    return measured, [mean.name for mean in means]
+    return export_like(graph, model), [mean.name for mean in means]
 
 
 def channel_means(model: onnx.ModelProto, ranks: dict[str, int], feeds: list[dict], what: str) -> dict[str, np.ndarray]:
@@ -170,17 +169,10 @@ class BiasCorrector:
             key = (name, upstream)
             if key not in self._shifts:
                 if not current:
-                    corrected, current = _exported(graph, quantized), True
+                    corrected, current = export_like(graph, quantized), True
                 self._shifts[key] = channel_means(corrected, {name: self.ranks[name]}, self.feeds, self.what)[name] - self.reference[name]
             correction = _correct_layer(nodes[name], self._shifts[key], self.target)
             if correction is not None:
                 corrections.append(correction)
                 current = False
-        return (corrected if current else _exported(graph, quantized)), corrections
-
-
-def _exported(graph: gs.Graph, quantized: onnx.ModelProto) -> onnx.ModelProto:
-    model = gs.export_onnx(graph)
-    model.ir_version = quantized.ir_version
-    model.metadata_props.extend(quantized.metadata_props)  # graphsurgeon drops them
-    return model
+        return (corrected if current else export_like(graph, quantized)), corrections

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from rvdeploy.compare import Comparison
+from rvdeploy.graph_edit import node_label
 from rvdeploy.precision.same_function import prove_same_function
 
 LAYER_OPS = ("Conv", "Gemm")
@@ -57,15 +58,12 @@ class EqualizeReport:
     skipped: list[SkippedPair]
     sweeps: int
     proof: Comparison | None  # the worst graph output, equalized vs. original; None when nothing changed
+    # node → (weight spread before, after) for every Conv/Gemm the equalization touched
     node_spreads: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def nothing_to_equalize(self) -> bool:
         return not self.pairs
-
-    def layer_spreads(self) -> dict[str, tuple[float, float]]:
-        """node → (weight spread before, after) for every Conv/Gemm the equalization touched."""
-        return dict(self.node_spreads)
 
     def to_dict(self) -> dict:
         return {"pairs": [asdict(p) for p in self.pairs], "skipped": [asdict(s) for s in self.skipped],
@@ -92,10 +90,6 @@ class LayerPair:
 
     first: gs.Node  # a Conv: its output channel c...
     second: gs.Node  # ...is input channel c of this Conv or Gemm
-
-
-def node_label(node: gs.Node) -> str:  # an unnamed node by its op and output tensor
-    return node.name or f"{node.op}({node.outputs[0].name})"
 
 
 def analysed_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from rvdeploy.graph_edit import export_like
+
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)  # below this a weight becomes 0
 
@@ -105,7 +107,6 @@ def convert_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset(), io_f
             graph.nodes.append(gs.Node("Cast", name=f"{tensor.name}/Cast_out", attrs={"to": io_dtype}, inputs=[inner], outputs=[tensor]))
         tensor.dtype = io_dtype
     graph.cleanup().toposort()
-    converted = gs.export_onnx(graph)
-    converted.ir_version = model.ir_version
+    converted = export_like(graph, model)
     del converted.graph.value_info[:]  # stale FP32 shapes of intermediates would contradict the new types
     return onnx.shape_inference.infer_shapes(converted)

@@ -102,7 +102,7 @@ def fall_back_until_met(
     if (max_top1_drop is None) != (scorer is None):
         raise QuantizeError("the accuracy guard needs both --val and --max-top1-drop")
     candidate = first
-    report = GuardReport(min_sqnr_db, max_top1_drop, probe.sqnr(candidate.model), math.nan)
+    report = GuardReport(min_sqnr_db, max_top1_drop, candidate.output_sqnr(probe), math.nan)
     report.final_sqnr_db = report.int8_sqnr_db
     if scorer is not None:
         report.fp32_top1 = scorer.top1(fp32)
@@ -112,7 +112,7 @@ def fall_back_until_met(
             break
         report.fallback.append(node)
         candidate = build(tuple(report.fallback))
-        report.final_sqnr_db = probe.sqnr(candidate.model)
+        report.final_sqnr_db = candidate.output_sqnr(probe)
         report.final_top1 = scorer.top1(candidate.model) if scorer else None
         report.steps.append({"node": node, "sqnr_db": report.final_sqnr_db, "top1": report.final_top1})
     return candidate, report

@@ -75,8 +75,7 @@ def _scales(equalize_report: EqualizeReport | None, node: str) -> tuple[float | 
     return (pair.scale_min, pair.scale_max) if pair else (None, None)
 
 
-def _weight_spread(graph: onnx.ModelProto, node: onnx.NodeProto) -> float | None:
-    weights = {init.name: init for init in graph.graph.initializer}
+def _weight_spread(weights: dict[str, onnx.TensorProto], node: onnx.NodeProto) -> float | None:
     if len(node.input) < 2 or node.input[1] not in weights:
         return None  # weights computed at run time
     values = numpy_helper.to_array(weights[node.input[1]])
@@ -91,14 +90,17 @@ def layer_rows(graph: onnx.ModelProto, ranges: dict, equalize_report: EqualizeRe
     ``ranges``: the calibration in onnxruntime's serialized form; ``equalize_report``: None when not
     equalized; ``sqnr``: each layer's SQNR alone (empty: not measured); ``precisions``: node → precision.
     """
-    spreads = equalize_report.layer_spreads() if equalize_report else {}
+    spreads = equalize_report.node_spreads if equalize_report else {}
     calibrated = _input_ranges(ranges)
+    weights = {init.name: init for init in graph.graph.initializer}
     rows = []
     for node in graph.graph.node:
         if node.op_type not in QUANTIZED_OPS:
             continue
-        unchanged = _weight_spread(graph, node)  # a layer equalization did not touch has one spread
-        before, after = spreads.get(node.name, (unchanged, unchanged))
+        if node.name in spreads:
+            before, after = spreads[node.name]
+        else:  # a layer equalization did not touch has one spread
+            before = after = _weight_spread(weights, node)
         (scale_min, scale_max), (input_min, input_max) = _scales(equalize_report, node.name), calibrated.get(node.input[0], (None, None))
         rows.append(LayerRow(
             block=block_name(node.name), node=node.name, op=node.op_type, weight_spread_before=before,

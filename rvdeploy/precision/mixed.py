@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -20,6 +21,9 @@ from rvdeploy.precision.calib import Calibration
 from rvdeploy.precision.fp16 import convert_fp16, plan_fp32_nodes
 from rvdeploy.precision.int8 import quantizable_nodes, quantize_int8
 
+if TYPE_CHECKING:
+    from rvdeploy.precision.sensitivity import OutputProbe
+
 PRECISIONS = ("int8", "fp16", "fp32")
 
 
@@ -27,6 +31,13 @@ PRECISIONS = ("int8", "fp16", "fp32")
 class MixedGraph:
     model: onnx.ModelProto
     precisions: dict[str, str]  # Conv/Gemm node → "int8", "fp16" or "fp32"
+    sqnr_db: float | None = None  # its output SQNR against FP32 on the calibration images, once measured
+
+    def output_sqnr(self, probe: OutputProbe) -> float:
+        """The output SQNR on ``probe``'s images: one pass over them, the first time only."""
+        if self.sqnr_db is None:
+            self.sqnr_db = probe.sqnr(self.model)
+        return self.sqnr_db
 
 
 def _with_activation(graph: gs.Graph, layers: set[str]) -> set[str]:

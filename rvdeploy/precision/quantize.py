@@ -20,8 +20,8 @@ import onnx_graphsurgeon as gs
 
 from rvdeploy.compare import json_safe
 from rvdeploy.data import image_folder, labelled_folder
-from rvdeploy.errors import OutputError, QuantizeError, RvdeployError
-from rvdeploy.files import atomic_output, sha256_file
+from rvdeploy.errors import QuantizeError, RvdeployError
+from rvdeploy.files import atomic_output, check_output_path, sha256_file
 from rvdeploy.onnx_io import load_onnx, read_metadata, save_onnx, write_metadata
 from rvdeploy.precision.bias_correction import BiasCorrection, BiasCorrector
 from rvdeploy.precision.calib import METHODS, QUANTIZED_OPS, Calibration, activation_peaks, calibrate, model_feeds
@@ -113,7 +113,8 @@ def model_recipe(model: onnx.ModelProto, path: str | os.PathLike, override: Prep
 
 
 def _write(model: onnx.ModelProto, source: onnx.ModelProto, path: str | os.PathLike, updates: dict) -> None:
-    model.metadata_props.extend(p for p in source.metadata_props if p.key not in {q.key for q in model.metadata_props})
+    present = {p.key for p in model.metadata_props}
+    model.metadata_props.extend(p for p in source.metadata_props if p.key not in present)
     write_metadata(model, updates)
     save_onnx(model, path)
 
@@ -148,7 +149,7 @@ def _observation_feeds(model: onnx.ModelProto, path: str | os.PathLike, options:
 def quantize_fp16(model_path: str | os.PathLike, out_path: str | os.PathLike,
                   options: Fp16Options = Fp16Options()) -> Fp16Report:
     """Write the FP16 graph of ``model_path``; nodes whose values FP16 cannot hold stay FP32."""
-    check_output_path(out_path, "output")
+    check_output_path(out_path)
     model = load_fp32_graph(model_path)
     feeds, observed, observed_on = _observation_feeds(model, model_path, options)
     peaks = activation_peaks(model, feeds, model_path)
@@ -197,18 +198,6 @@ class Int8Report:
         return json_safe(data)
 
 
-def check_output_path(path: str | os.PathLike, what: str) -> Path:
-    """``path`` when a file can be written there; else one line naming ``what`` (checked before the slow work)."""
-    if not str(path).strip():
-        raise OutputError(f"{what} needs a file path, got an empty one")
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{what} {path} is a directory, not a file")
-    if not path.parent.is_dir():
-        raise OutputError(f"{what} {path}: directory {path.parent} does not exist")
-    return path
-
-
 def _graph_to_quantize(model: onnx.ModelProto, model_path: str | os.PathLike, equalize: bool, tmp: Path):
     """The FP32 graph that is calibrated and quantized (equalized unless ``equalize`` is off), its path,
     and the equalization report (None when off)."""
@@ -231,10 +220,11 @@ class _Corrected:
 
     def __call__(self, candidate: MixedGraph) -> MixedGraph:
         model, layers = self.corrector.correct(candidate.model, candidate.precisions)
-        before = self.probe.sqnr(candidate.model)
-        after = self.probe.sqnr(model) if layers else before
+        before = candidate.output_sqnr(self.probe)
+        corrected = MixedGraph(model, candidate.precisions, before if not layers else None)
+        after = corrected.output_sqnr(self.probe)
         self.reports[_out_of_int8(candidate)] = BiasCorrection(before, after, after > before, layers)
-        return MixedGraph(model, candidate.precisions) if after > before else candidate
+        return corrected if after > before else candidate
 
 
 def _out_of_int8(candidate: MixedGraph) -> tuple[str, ...]:
@@ -257,9 +247,11 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     if options.val_dir is not None:
         scorer = Top1Scorer(model, labelled_folder(options.val_dir, recipe, options.allow_upscale), recipe, model_path)
     guarded = options.min_sqnr is not None or scorer is not None
+    source_sha256 = sha256_file(model_path)
     with tempfile.TemporaryDirectory(prefix="rvdeploy-int8-") as tmp:
         graph, graph_path, equalization = _graph_to_quantize(model, model_path, options.equalize, Path(tmp))
-        calibration: Calibration = calibrate(graph_path, sha256_file(graph_path), images, recipe, options.method,
+        graph_sha256 = source_sha256 if graph is model else sha256_file(graph_path)
+        calibration: Calibration = calibrate(graph_path, graph_sha256, images, recipe, options.method,
                                              options.cache_path, options.show_progress)
         probe = OutputProbe(model, images, recipe, model_path)
         first = MixedGraph(quantize_int8(graph_path, calibration, options.target),
@@ -283,7 +275,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
                                                       options.min_sqnr, options.max_top1_drop, scorer)
             output_sqnr = guard_report.final_sqnr_db
         else:
-            final, output_sqnr = first, probe.sqnr(first.model)
+            final, output_sqnr = first, first.output_sqnr(probe)
         bias_correction = corrected.reports[_out_of_int8(final)] if corrected else None
     by_precision = {p: [n for n, q in final.precisions.items() if q == p] for p in PRECISIONS}
     report = Int8Report(
@@ -309,7 +301,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         "equalized": equalization is not None and not equalization.nothing_to_equalize,
         "fp16_nodes": by_precision["fp16"],
         "fp32_nodes": by_precision["fp32"],
-        "source_onnx_sha256": sha256_file(model_path),
+        "source_onnx_sha256": source_sha256,
     }
     if bias_correction and bias_correction.kept:  # absent otherwise: --no-bias-correction writes what it always wrote
         metadata["bias_corrected"] = True

@@ -6,13 +6,12 @@ budget. Cross-layer equalization proves itself with it.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from rvdeploy.compare import Comparison, compare_outputs
+from rvdeploy.compare import Comparison, compare_outputs, worst
 from rvdeploy.errors import QuantizeError, first_line
 from rvdeploy.onnx_io import ort_session, run_session
 from rvdeploy.probes import probe_feeds
@@ -58,9 +57,9 @@ def prove_same_function(original: onnx.ModelProto, changed: onnx.ModelProto, pro
     except Exception as exc:  # the reference runtime's own errors: an op it does not implement in float64
         raise QuantizeError(f"cannot check {what}: ONNX's reference runtime cannot run the original in float64 "
                             f"({first_line(exc)})") from None
-    checks = {name: compare_outputs(a, b, c) for name, a, b, c in zip(names, ours, exact, theirs)}
-    worst = max(checks, key=lambda n: math.inf if not checks[n].passed else checks[n].max_rel_error / checks[n].budget_rel)
-    if not checks[worst].passed:
-        raise QuantizeError(f"{what} does not compute the original function: output {worst} differs by "
-                            f"{checks[worst].max_rel_error:.3g} relative, over its float32 budget {checks[worst].budget_rel:.3g}")
-    return checks[worst]
+    checks = [compare_outputs(a, b, c) for a, b, c in zip(ours, exact, theirs)]
+    closest = worst(checks)
+    if not closest.passed:
+        raise QuantizeError(f"{what} does not compute the original function: output {names[checks.index(closest)]} "
+                            f"differs by {closest.max_rel_error:.3g} relative, over its float32 budget {closest.budget_rel:.3g}")
+    return closest

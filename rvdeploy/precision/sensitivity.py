@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from rvdeploy.compare import sqnr_db
 from rvdeploy.data import ImageSet
 from rvdeploy.errors import QuantizeError
+from rvdeploy.graph_edit import export_like, producer
 from rvdeploy.onnx_io import ort_session, run_session
 from rvdeploy.precision.calib import QUANTIZED_OPS, model_feeds
 from rvdeploy.preprocess import Preprocess
@@ -51,10 +52,6 @@ class OutputProbe:
         return sqnr_db(self.outputs(model), self.reference)
 
 
-def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    return tensor.inputs[0] if tensor.inputs and tensor.inputs[0].op == op else None
-
-
 def _find(graph: gs.Graph, name: str, what: str) -> gs.Node:
     node = next((n for n in graph.nodes if n.name == name), None)
     if node is None:
@@ -84,7 +81,7 @@ def single_layer_graph(fp32: onnx.ModelProto, quantized: onnx.ModelProto, node: 
     graph, qgraph = gs.import_onnx(fp32), gs.import_onnx(quantized)
     layer, qlayer = _find(graph, node, "the FP32 graph"), _find(qgraph, node, "the quantized graph")
     for index, qtensor in enumerate(qlayer.inputs):
-        dq = _producer(qtensor, "DequantizeLinear")
+        dq = producer(qtensor, "DequantizeLinear")
         if dq is None:
             continue
         if isinstance(dq.inputs[0], gs.Constant):  # a weight or bias stored as integers
@@ -92,7 +89,7 @@ def single_layer_graph(fp32: onnx.ModelProto, quantized: onnx.ModelProto, node: 
             _copy_node(graph, dq, [dq.inputs[0]], [restored])
             layer.inputs[index] = restored
             continue
-        q = _producer(dq.inputs[0], "QuantizeLinear")
+        q = producer(dq.inputs[0], "QuantizeLinear")
         if q is None:
             raise QuantizeError(f"the quantized graph's {dq.name} does not dequantize a QuantizeLinear")
         layer.inputs[index] = _fake_quantized(graph, layer.inputs[index], q, dq)
@@ -105,11 +102,8 @@ def single_layer_graph(fp32: onnx.ModelProto, quantized: onnx.ModelProto, node: 
         quantized_output = gs.Variable(f"{output.name}/{q.name}/single_layer", dtype=q.outputs[0].dtype)
         _copy_node(graph, q, [raw], [quantized_output])
         _copy_node(graph, dq, [quantized_output], [output])
-    graph.opset = qgraph.opset  # the Q/DQ nodes' opset (Conv and Relu read the same in both)
     graph.cleanup().toposort()
-    single = gs.export_onnx(graph)
-    single.ir_version = quantized.ir_version
-    return single
+    return export_like(graph, quantized)  # the Q/DQ nodes' opset (Conv and Relu read the same in both)
 
 
 def layer_sqnr(fp32: onnx.ModelProto, quantized: onnx.ModelProto, probe: OutputProbe,

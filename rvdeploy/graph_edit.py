@@ -1,0 +1,41 @@
+"""onnx-graphsurgeon helpers every stage that edits a graph shares: naming a node for a message,
+finding a tensor's producer, and exporting an edited graph with its model's own fields."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+
+def node_label(node: gs.Node) -> str:
+    """A name a user can find in Netron: the node's name, else its op and output."""
+    if node.name:
+        return node.name
+    return f"{node.op} writing {node.outputs[0].name}" if node.outputs else node.op
+
+
+def producer(tensor: gs.Tensor, op: str | None = None) -> gs.Node | None:
+    """The node that writes ``tensor`` (when it is an ``op`` node, if ``op`` is given), else None."""
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    return node if node is not None and (op is None or node.op == op) else None
+
+
+def export_like(graph: gs.Graph, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` exported, with every field but the graph taken from ``model``: IR version, opset
+    imports, metadata, producer and local functions stay ``model``'s (graphsurgeon writes its own or
+    drops them)."""
+    exported = gs.export_onnx(graph)
+    for fd in onnx.ModelProto.DESCRIPTOR.fields:
+        if fd.name != "graph":
+            exported.ClearField(fd.name)
+    for fd, value in model.ListFields():
+        if fd.name == "graph":
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(exported, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(exported, fd.name).CopyFrom(value)
+        else:
+            setattr(exported, fd.name, value)
+    return exported
