@@ -56,3 +56,7 @@ class RegressionError(RvdeployError):
 
 class QuantizeError(RvdeployError):
     """A graph or option the precision stage cannot work with."""
+
+
+class RvdeployWarning(UserWarning):
+    """Something that runs but not as well as it could (the CLI prints it as one line on stderr)."""

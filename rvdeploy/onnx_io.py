@@ -145,7 +145,7 @@ def decode_metadata(props: dict[str, str]) -> dict:
 
 
 # The rvdeploy metadata entries later stages rely on, and the JSON type each must have.
-_METADATA_TYPES = {"arch": str, "form": str, "precision": str, "int8_target": str, "io_precision": str,
+_METADATA_TYPES = {"arch": str, "form": str, "precision": str, "int8_target": str, "int8_cpu": str, "io_precision": str,
                    "num_classes": int, "input_size": list, "fp32_nodes": list, "arch_spec": dict, "preprocess": dict}
 _JSON_TYPE_NAMES = {str: "string", int: "integer", list: "array", dict: "object"}
 
@@ -234,7 +234,7 @@ def precision_label(meta: dict, with_target: bool = True) -> str:
     """``fp32``, ``fp16``, ``int8/tensorrt``..., with the count of nodes left in FP32 by a mixed graph."""
     label = meta.get("precision", "fp32")
     if with_target and "int8_target" in meta:
-        label += f"/{meta['int8_target']}"
+        label += f"/{meta['int8_target']}" + (f"/{meta['int8_cpu']}" if "int8_cpu" in meta else "")
     if meta.get("fp32_nodes") and label != "fp32":
         label += f" ({len(meta['fp32_nodes'])} nodes fp32)"
     return label

@@ -17,14 +17,12 @@ from rvdeploy.data import batches, image_folder, labelled_folder
 from rvdeploy.errors import QuantizeError
 from rvdeploy.eval import run_evaluation
 from rvdeploy.export import ExportOptions, export_onnx
-from rvdeploy.files import sha256_file
 from rvdeploy.imbalance import imbalance_graph
 from rvdeploy.onnx_io import ort_session, read_metadata, save_onnx
 from rvdeploy.pipeline import export_model
-from rvdeploy.precision.calib import calibrate
 from rvdeploy.precision.equalize import equalize_graph, weight_spread
 from rvdeploy.precision.same_function import prove_same_function
-from rvdeploy.precision.int8 import quantize_int8
+from rvdeploy.precision.quantize import Int8Options, quantize_int8_file
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.reparam import fold
 from rvdeploy.runners import OrtRunner
@@ -265,8 +263,6 @@ def int8_variants(tmp_path_factory, digits_onnx):
             "grouped": onnx.load(export_model(work / "grouped.pth", work / "grouped.onnx", ExportOptions(input_size=(32, 32))).output)}
     paths = {}
     for net, model in nets.items():
-        recipe = Preprocess.from_dict(read_metadata(model)["preprocess"])
-        images = image_folder(CALIB, recipe, CALIB_IMAGES, allow_upscale=True)
         variants = {"original": model, "x50": imbalance_graph(model),
                     "x50_up_down": imbalance_graph(model, down_factor=50.0)}
         for variant, graph in variants.items():
@@ -274,10 +270,11 @@ def int8_variants(tmp_path_factory, digits_onnx):
                 if variant == "original" and equalize:
                     continue
                 path = save_onnx(equalize_graph(graph)[0] if equalize else graph, work / f"{net}_{variant}_{equalize}.onnx")
-                calibration = calibrate(path, sha256_file(path), images, recipe, "minmax", show_progress=False)
-                for target in TARGETS:
+                for target in TARGETS:  # the plain INT8 graph (for this CPU's class, onnxruntime layout), calibrated once
                     out = work / f"{net}_{variant}_{equalize}_{target}.onnx"
-                    onnx.save(quantize_int8(path, calibration, target), out)
+                    quantize_int8_file(path, out, Int8Options(CALIB, num_images=CALIB_IMAGES, allow_upscale=True, target=target,
+                                                              cache_path=work / "calibration.json", equalize=False,
+                                                              bias_correction=False, show_progress=False))
                     paths[net, variant, equalize, target] = out
         paths[net, "fp32"] = work / f"{net}_original_False.onnx"
     return paths

@@ -172,12 +172,16 @@ def test_int8_tensorrt_layout_follows_tensorrt_rules(int8_trt):
 
 
 def test_int8_onnxruntime_layout_is_uint8_activations_int8_weights(int8_ort):
+    """int8 weights, but uint8 (zero point 128) in the layers this CPU class runs u8u8 (test_cpu_class.py)."""
     model = onnx.load(int8_ort)
     inits = _initializers(model)
     activation_zero_points = {inits[n.input[2]].dtype for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    weight_types = {inits[n.input[0]].dtype for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    weight_dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    weight_types = {n.name: inits[weight_dq[n.input[1]].input[0]].dtype for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
     assert activation_zero_points == {np.dtype(np.uint8)}
-    assert np.dtype(np.int8) in weight_types
+    unsigned = set(read_metadata(model)["u8u8_layers"])
+    assert len(unsigned) < len(weight_types)
+    assert weight_types == {node: np.dtype(np.uint8 if node in unsigned else np.int8) for node in weight_types}
 
 
 def test_int8_accuracy_on_the_heldout_split(fp32, int8_trt, int8_ort):

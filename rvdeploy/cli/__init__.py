@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import click
 
@@ -12,7 +13,7 @@ from rvdeploy import __version__
 from rvdeploy.cli.bench_command import bench
 from rvdeploy.cli.model_commands import export, fuse, info, verify
 from rvdeploy.cli.precision_commands import build_engine, eval_command, quantize
-from rvdeploy.errors import INPUT_EXIT, INTERNAL_ERROR_EXIT, RvdeployError, first_line
+from rvdeploy.errors import INPUT_EXIT, INTERNAL_ERROR_EXIT, RvdeployError, RvdeployWarning, first_line
 
 
 def _one_line(message: str) -> str:
@@ -21,11 +22,21 @@ def _one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+    """rvdeploy's own warnings as one line on stderr; anything else as Python shows it."""
+    if issubclass(category, RvdeployWarning):
+        click.echo(f"warning: {_one_line(str(message))}", err=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 class RvdeployGroup(click.Group):
-    """Turns every failure, usage errors included, into one line on stderr and a non-zero exit status."""
+    """Turns every failure, usage errors included, into one line on stderr and a non-zero exit status,
+    and every rvdeploy warning into one line too."""
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
+        shown_before, warnings.showwarning = warnings.showwarning, _show_warning
         try:
             result = super().main(*args, **kwargs)
         except click.ClickException as exc:  # usage errors: bad option values, missing arguments
@@ -34,6 +45,8 @@ class RvdeployGroup(click.Group):
         except click.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(INPUT_EXIT)
+        finally:
+            warnings.showwarning = shown_before
         sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context):

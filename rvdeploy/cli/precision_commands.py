@@ -11,6 +11,7 @@ from rvdeploy import pipeline
 from rvdeploy.cli.options import backend_choice, bn_eps_option, recipe_from, recipe_options, to_backend
 from rvdeploy.cli.render import console, print_json
 from rvdeploy.errors import RvdeployError
+from rvdeploy.machine import CPU_CLASSES
 from rvdeploy.precision.quantize import DEFAULT_METHOD
 
 
@@ -40,7 +41,7 @@ def precision_options(command):
     return recipe_options(command)
 
 
-def precision_from(precision: str | None, target: str, kwargs: dict, show_progress: bool):
+def precision_from(precision: str | None, target: str, kwargs: dict, show_progress: bool, cpu: str = "auto"):
     """The FP16 or INT8 options from the shared precision options (popped from ``kwargs``)."""
     probe_size = None
     if precision == "fp16" and kwargs["calib_dir"] is None and kwargs["mean"] is None and kwargs["std"] is None:
@@ -58,7 +59,7 @@ def precision_from(precision: str | None, target: str, kwargs: dict, show_progre
             raise RvdeployError(f"{given[0]} is for --int8: FP16 has no per-layer quantization to guard or report")
         return pipeline.Fp16Options(io_fp16=io_fp16, probe_size=probe_size, **images)
     if precision == "int8":
-        return pipeline.Int8Options(target=target, method=method, cache_path=cache, equalize=equalize,
+        return pipeline.Int8Options(target=target, cpu=cpu, method=method, cache_path=cache, equalize=equalize,
                                     bias_correction=bias_correction, min_sqnr=min_sqnr,
                                     val_dir=val_dir, max_top1_drop=max_drop, report_path=report, plot_path=plot,
                                     show_progress=show_progress, **images)
@@ -80,6 +81,17 @@ def _bias_correction_line(correction) -> str:
     return f"bias correction: {len(correction.layers)} INT8 layers corrected, {measured}"
 
 
+def _cpu_format_line(cpu_format, int8_layers: int) -> str:
+    here = "this CPU's class" if cpu_format.cpu == cpu_format.this_cpu else f"this CPU is {cpu_format.this_cpu}"
+    unsigned = len(cpu_format.unsigned)
+    kernels = {0: "u8s8", int8_layers: "u8u8"}.get(unsigned, f"{unsigned} of {int8_layers} u8u8, the rest u8s8")
+    line = f"CPU class {cpu_format.cpu} ({here}): INT8 layers {kernels} ({cpu_format.how})"
+    worst = sorted(((db, node) for node, db in cpu_format.saturation_db.items() if db > 0), reverse=True)[:3]
+    if worst:
+        line += "; saturation alone cost " + ", ".join(f"{node} {db:.1f} dB" for db, node in worst)
+    return line + f"; every SQNR here was measured on this CPU ({cpu_format.this_cpu})"
+
+
 def _int8_summary(report) -> str:
     calibrated = "from the cache" if report.from_cache else f"in {report.calibration_seconds:.1f} s"
     lines = [f"INT8 ({report.target} layout, {report.method}): {report.quantized_nodes} layers quantized, "
@@ -95,6 +107,8 @@ def _int8_summary(report) -> str:
         skipped = "; skipped: " + "; ".join(f"{s.first} → {s.second or '-'} ({s.reason})" for s in eq.skipped) if eq.skipped else ""
         lines.append(f"equalization: {len(eq.pairs)} layer pairs equalized in {eq.sweeps} sweeps{skipped}")
     lines.append(_bias_correction_line(report.bias_correction))
+    if report.cpu_format:
+        lines.append(_cpu_format_line(report.cpu_format, report.quantized_nodes))
     out_of_int8 = [f"{len(nodes)} in {precision.upper()}: {', '.join(nodes)}"
                    for precision, nodes in (("fp16", report.fp16_nodes), ("fp32", report.fp32_nodes)) if nodes]
     lines.append(f"output SQNR against FP32 on the calibration images: {_db(report.output_sqnr_db)}; "
@@ -144,13 +158,18 @@ def _summary(report) -> str:
 @click.option("--int8", "precision", flag_value="int8", help="Explicit Q/DQ INT8 (needs --calib).")
 @click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,
               help="Q/DQ layout: TensorRT's, or the one ONNX Runtime on x86 CPUs runs fastest.")
+@click.option("--cpu", type=click.Choice(["auto", *CPU_CLASSES]), default="auto", show_default=True,
+              help="With --target onnxruntime: the CPUs the graph is for. vnni: exact, fastest u8s8 kernels; avx2 (no VNNI): "
+                   "u8u8 kernels where u8s8 would saturate. auto: this CPU's class.")
 @precision_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize(model, output, precision, target, as_json, **kwargs) -> None:
+def quantize(model, output, precision, target, cpu, as_json, **kwargs) -> None:
     """Write an FP16 or INT8 (Q/DQ) graph of the FP32 ONNX MODEL."""
     if precision is None:
         raise RvdeployError("choose --fp16 or --int8")
-    options = precision_from(precision, target, kwargs, not as_json)
+    if cpu != "auto" and precision != "int8":
+        raise RvdeployError("--cpu is for --int8 --target onnxruntime")
+    options = precision_from(precision, target, kwargs, not as_json, cpu)
     report = pipeline.quantize_model(model, output, options)
     if as_json:
         print_json({"precision": precision, "output": str(output), **report.to_dict()})

@@ -51,11 +51,13 @@ def _with_activation(graph: gs.Graph, layers: set[str]) -> set[str]:
 
 
 def fallback_graph(graph_path: str | os.PathLike, calibration: Calibration, target: str, fallback: tuple[str, ...],
-                   activation_peaks: Callable[[], dict[str, float]]) -> MixedGraph:
+                   activation_peaks: Callable[[], dict[str, float]],
+                   unsigned_weights: frozenset[str] = frozenset()) -> MixedGraph:
     """The Q/DQ graph of ``graph_path`` with the ``fallback`` layers out of INT8, and each Conv/Gemm's
     precision ("int8", "fp16" or "fp32"). ``activation_peaks`` gives the largest |value| of every
-    tensor on the calibration images; it is called only when a layer falls back to FP16."""
-    quantized = quantize_int8(graph_path, calibration, target, nodes_to_exclude=fallback)
+    tensor on the calibration images; it is called only when a layer falls back to FP16.
+    ``unsigned_weights``: the INT8 layers whose weights are uint8 (onnxruntime layout)."""
+    quantized = quantize_int8(graph_path, calibration, target, nodes_to_exclude=fallback, unsigned_weights=unsigned_weights)
     precisions = {node: "fp32" if node in fallback else "int8" for node in quantizable_nodes(quantized)}
     if not fallback or target != "tensorrt":
         return MixedGraph(quantized, precisions)

@@ -24,11 +24,13 @@ from rvdeploy.errors import QuantizeError, RvdeployError
 from rvdeploy.files import atomic_output, check_output_path, sha256_file
 from rvdeploy.onnx_io import load_onnx, read_metadata, save_onnx, write_metadata
 from rvdeploy.precision.bias_correction import BiasCorrection, BiasCorrector
+from rvdeploy.machine import CPU_CLASSES
 from rvdeploy.precision.calib import METHODS, QUANTIZED_OPS, Calibration, activation_peaks, calibrate, model_feeds
+from rvdeploy.precision.cpu_format import CpuFormat, plan_cpu_format
 from rvdeploy.precision.equalize import EqualizeReport, equalize_graph
 from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, plan_fp32_nodes
 from rvdeploy.precision.guard import GuardReport, Top1Scorer, check_min_sqnr, fall_back_until_met
-from rvdeploy.precision.int8 import TARGETS, quantizable_nodes, quantize_int8
+from rvdeploy.precision.int8 import TARGETS, encode_weights, quantizable_nodes, quantize_int8
 from rvdeploy.precision.layer_report import LayerRow, layer_rows, plot_layers
 from rvdeploy.precision.mixed import PRECISIONS, MixedGraph, fallback_graph
 from rvdeploy.precision.sensitivity import OutputProbe, layer_sqnr, most_sensitive_first
@@ -57,6 +59,7 @@ class Fp16Options(ImageOptions):
 @dataclass(frozen=True)
 class Int8Options(ImageOptions):
     target: str = "tensorrt"  # or "onnxruntime"
+    cpu: str = "auto"  # onnxruntime target: the CPU class the graph is for (rvdeploy.machine.CPU_CLASSES); auto: this CPU's
     method: str = DEFAULT_METHOD
     cache_path: str | os.PathLike | None = None
     equalize: bool = True  # cross-layer equalization of the FP32 graph before calibration
@@ -73,6 +76,10 @@ class Int8Options(ImageOptions):
             raise QuantizeError("--int8 needs calibration images: --calib DIR")
         if self.target not in TARGETS:
             raise QuantizeError(f"unknown INT8 target {self.target!r}; choose {', '.join(TARGETS)}")
+        if self.cpu not in ("auto", *CPU_CLASSES):
+            raise QuantizeError(f"unknown CPU class {self.cpu!r}; choose auto, {', '.join(CPU_CLASSES)}")
+        if self.cpu != "auto" and self.target != "onnxruntime":
+            raise QuantizeError("--cpu is for --target onnxruntime: the tensorrt layout runs on GPUs")
         if self.method not in METHODS:
             raise QuantizeError(f"unknown calibration method {self.method!r}; choose {', '.join(METHODS)}")
         if (self.val_dir is None) != (self.max_top1_drop is None):
@@ -187,6 +194,7 @@ class Int8Report:
     equalization: EqualizeReport | None = None  # None: --no-equalize
     guard: GuardReport | None = None
     bias_correction: BiasCorrection | None = None  # None: --no-bias-correction
+    cpu_format: CpuFormat | None = None  # the onnxruntime target's kernels per layer
     layers: list[LayerRow] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -194,6 +202,7 @@ class Int8Report:
         data["equalization"] = self.equalization.to_dict() if self.equalization else None
         data["bias_correction"] = self.bias_correction.to_dict() if self.bias_correction else None
         data["guard"] = self.guard.to_dict() if self.guard else None
+        data["cpu_format"] = self.cpu_format.to_dict() if self.cpu_format else None
         data["layers"] = [row.to_dict() for row in self.layers]
         return json_safe(data)
 
@@ -254,7 +263,12 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         calibration: Calibration = calibrate(graph_path, graph_sha256, images, recipe, options.method,
                                              options.cache_path, options.show_progress)
         probe = OutputProbe(model, images, recipe, model_path)
-        first = MixedGraph(quantize_int8(graph_path, calibration, options.target),
+        first = quantize_int8(graph_path, calibration, options.target)
+        cpu_format = None
+        if options.target == "onnxruntime":
+            cpu_format = plan_cpu_format(options.cpu, graph, first, probe, options.show_progress)
+        measured_unsigned = cpu_format.measured_unsigned if cpu_format else frozenset()
+        first = MixedGraph(encode_weights(first, measured_unsigned) if measured_unsigned else first,
                            {node: "int8" for node in quantizable_nodes(graph)})
         sqnr = {}
         if guarded or options.report_path or options.plot_path:
@@ -266,7 +280,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
             first = corrected(first)  # after the sensitivity, which grafts the uncorrected layers one at a time
 
         def build(fallback: tuple[str, ...]) -> MixedGraph:
-            candidate = fallback_graph(graph_path, calibration, options.target, fallback, peaks)
+            candidate = fallback_graph(graph_path, calibration, options.target, fallback, peaks, measured_unsigned)
             return corrected(candidate) if corrected else candidate
 
         guard_report = None
@@ -292,6 +306,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         equalization=equalization,
         guard=guard_report,
         bias_correction=bias_correction,
+        cpu_format=cpu_format,
         layers=layer_rows(graph, calibration.ranges, equalization, sqnr, final.precisions),
     )
     metadata = {
@@ -305,7 +320,13 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     }
     if bias_correction and bias_correction.kept:  # absent otherwise: --no-bias-correction writes what it always wrote
         metadata["bias_corrected"] = True
-    _write(final.model, model, out_path, metadata)
+    written = final.model
+    if cpu_format:
+        metadata["int8_cpu"] = cpu_format.cpu
+        metadata["u8u8_layers"] = sorted(cpu_format.unsigned & set(by_precision["int8"]))
+        if cpu_format.unsigned != cpu_format.measured_unsigned:
+            written = encode_weights(written, cpu_format.unsigned)
+    _write(written, model, out_path, metadata)
     if options.report_path:
         with atomic_output(options.report_path) as tmp_report:
             tmp_report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -9,6 +9,7 @@ calibration images: one ONNX Runtime pass over them per layer, no labels, no re-
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -46,6 +47,18 @@ class OutputProbe:
     def outputs(self, model: onnx.ModelProto) -> np.ndarray:
         session = ort_session(model.SerializeToString(), name=f"a quantized graph of {self.what}")
         return np.concatenate([flat_outputs(run_session(session, feed, self.what)) for feed in self.feeds])
+
+    def first(self, images: int) -> OutputProbe:
+        """This probe on its first ``images`` images (whole batches), sharing their arrays."""
+        feeds, rows = [], 0
+        for feed in self.feeds:
+            if rows >= images:
+                break
+            feeds.append(feed)
+            rows += len(next(iter(feed.values())))
+        subset = copy.copy(self)
+        subset.feeds, subset.reference = feeds, self.reference[:rows]
+        return subset
 
     def sqnr(self, model: onnx.ModelProto) -> float:
         """SQNR (dB) of ``model``'s outputs against FP32's; inf when they are identical."""
@@ -107,12 +120,12 @@ def single_layer_graph(fp32: onnx.ModelProto, quantized: onnx.ModelProto, node: 
 
 
 def layer_sqnr(fp32: onnx.ModelProto, quantized: onnx.ModelProto, probe: OutputProbe,
-               show_progress: bool = True) -> dict[str, float]:
+               show_progress: bool = True, description: str = "layer sensitivity") -> dict[str, float]:
     """Output SQNR (dB) against FP32 with each Conv/Gemm alone in INT8, in graph order: one pass each."""
     nodes = [n.name for n in fp32.graph.node if n.op_type in QUANTIZED_OPS]
     sqnr = {}
     with progress_bar(show_progress) as progress:
-        task = progress.add_task("layer sensitivity", total=len(nodes))
+        task = progress.add_task(description, total=len(nodes))
         for node in nodes:
             sqnr[node] = probe.sqnr(single_layer_graph(fp32, quantized, node))
             progress.advance(task)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 
+from rvdeploy.errors import RvdeployWarning
+from rvdeploy.machine import cpu_int8_class
 from rvdeploy.onnx_io import decode_metadata, ort_session, run_session
 from rvdeploy.runners.base import Runner, RunnerError
 
@@ -37,6 +40,8 @@ class OrtRunner(Runner):
         except UnicodeDecodeError:  # ONNX Runtime hands metadata over as str: bytes that are not UTF-8 fail there
             raise RunnerError(f"{self.path} is not a valid ONNX graph: its metadata is not UTF-8 text") from None
         self.describe_graph(metadata)
+        if self.options.device == "cpu" and metadata.get("int8_target") == "onnxruntime":
+            warn_cpu_class(self.name, metadata)
 
     def _release(self) -> None:
         self.session = None
@@ -52,3 +57,19 @@ class OrtRunner(Runner):
             run_session(self.session, inputs, self.path)
 
         return run
+
+
+def warn_cpu_class(name: str, metadata: dict) -> None:
+    """One warning when an onnxruntime-layout INT8 graph was made for another CPU class than this one
+    (graphs from before the classes existed are u8s8 throughout: VNNI's)."""
+    made_for, here = metadata.get("int8_cpu", "vnni"), cpu_int8_class()
+    if made_for == here:
+        return
+    if here == "avx2":
+        message = (f"{name} is an INT8 graph for VNNI CPUs; this CPU has no VNNI, where its u8s8 layers saturate and "
+                   "lose accuracy: quantize it with --cpu avx2 for CPUs like this one")
+    else:
+        message = (f"{name} is an INT8 graph for CPUs without VNNI; this CPU has VNNI, where it computes the same but "
+                   f"its {len(metadata.get('u8u8_layers', []))} u8u8 layers run slower: quantize it with --cpu vnni "
+                   "for CPUs like this one")
+    warnings.warn(message, RvdeployWarning, stacklevel=3)
