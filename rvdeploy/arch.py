@@ -36,6 +36,7 @@ _ZOO_TABLE: dict[str, tuple[tuple[int, ...], tuple[float, ...], int, bool]] = {
 }
 ZOO_NAMES = tuple(f"RepVGG-{short}" for short in _ZOO_TABLE)
 SE_REDUCTION = 16
+DEFAULT_BN_EPS = 1e-5  # the BatchNorm2d default in the official repo, timm and mmpretrain
 BASE_WIDTHS = (64, 128, 256, 512)
 
 

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rvdeploy.arch import ArchSpec, BlockSpec
+from rvdeploy.arch import DEFAULT_BN_EPS, ArchSpec, BlockSpec
 
-DEFAULT_BN_EPS = 1e-5  # the BatchNorm2d default in the official repo, timm and mmpretrain
 
 
 def conv_bn(block: BlockSpec, kernel_size: int, bn_eps: float) -> nn.Sequential:

@@ -80,3 +80,19 @@ def test_no_import_cycle():
 def test_no_module_over_the_size_limit():
     sizes = {_module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_help_loads_no_stage_library():
+    """`rvdeploy --help` and a command's --help answer without torch, onnx, ONNX Runtime, TensorRT-RTX or
+    matplotlib: commands import their stage when they run (benchmarks/cli_start.py times it)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "onnx", "onnxruntime", "tensorrt_rtx", "matplotlib", "onnx_graphsurgeon")
+    for args in ([], ["fuse"], ["quantize"], ["bench"], ["build-engine"], ["eval"]):
+        probe = ("import sys\nfrom rvdeploy.cli import main\nsys.argv[0] = 'rvdeploy'\n"
+                 "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+                 f"print('loaded:', *(m for m in {heavy!r} if m in sys.modules))")
+        result = subprocess.run([sys.executable, "-c", probe, *args, "--help"], capture_output=True, text=True, check=True)
+        assert "Usage:" in result.stdout
+        assert result.stdout.strip().splitlines()[-1] == "loaded:", (args, result.stdout.strip().splitlines()[-1])

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rvdeploy import pipeline
 from rvdeploy.backends import BACKENDS
 from rvdeploy.cli.options import SIZE, backend_choice, batch_list, bn_eps_option, to_backend
 from rvdeploy.cli.render import console, status
@@ -73,6 +72,7 @@ def bench(targets, backend, device, batches, warmup_s, min_s, iters, threads, in
     A training checkpoint on torch is timed both multi-branch and fused (checked to compute the same
     function first), with the speed-up.
     """
+    from rvdeploy import pipeline
     settings = pipeline.BenchSettings(batches, warmup_s, min_s, iters, threads, input_size, device, bn_eps)
     options = pipeline.BenchOptions(backend, settings, json_out, plot, baseline, max_regression, normalize,
                                     progress=lambda what: status.print(f"timing {what}", highlight=False))

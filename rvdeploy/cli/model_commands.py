@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rvdeploy import pipeline
 from rvdeploy.backends import artifact_kind
 from rvdeploy.cli.options import SIZE, BatchType, bn_eps_option, feature_list, prefix_option
 from rvdeploy.cli.render import console, key_value_table, millions, print_json, verdict
@@ -41,6 +40,7 @@ def fuse(ctx: click.Context, checkpoint: Path, output: Path, arch, num_classes, 
     An ONNX CHECKPOINT (MODEL.onnx, from any framework) is folded in the graph: every group of
     parallel conv/BN/identity branches that are summed becomes one Conv, each group proven on its own.
     """
+    from rvdeploy import pipeline
     if artifact_kind(checkpoint) == "onnx":
         given = [f"--{name.replace('_', '-')}" for name in CHECKPOINT_ONLY
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
@@ -92,6 +92,7 @@ def _classes(num_classes: int | None) -> str:
 
 def _fuse_graph(model: Path, output: Path, probe_size: int, as_json: bool) -> None:
     """``fuse MODEL.onnx``: the graph-level fold and its summary."""
+    from rvdeploy import pipeline
     report = pipeline.fuse_graph(model, output, pipeline.GraphFoldOptions(probe_size=probe_size))
     if as_json:
         print_json({"input": str(model), "output": str(output), **report.to_dict()})
@@ -130,6 +131,7 @@ def _fuse_graph(model: Path, output: Path, probe_size: int, as_json: bool) -> No
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def info(checkpoint: Path, input_size, key, prefix, bn_eps, as_json) -> None:
     """Describe a CHECKPOINT: layout, architecture, parameters, MACs and each block's branches."""
+    from rvdeploy import pipeline
     data = pipeline.describe_checkpoint(checkpoint, input_size, pipeline.LoadOptions(key=key, bn_eps=bn_eps, prefix=prefix))
     if as_json:
         print_json(data)
@@ -164,6 +166,7 @@ def info(checkpoint: Path, input_size, key, prefix, bn_eps, as_json) -> None:
 @bn_eps_option
 def export(checkpoint: Path, onnx_path: Path, input_size, batch, opset, no_fuse, features, arch, key, prefix, bn_eps) -> None:
     """Export CHECKPOINT (training form, fused on the way, or already fused) to a plain ONNX graph."""
+    from rvdeploy import pipeline
     # checked before any loading
     options = pipeline.ExportOptions(input_size=input_size, batch=batch, opset=opset, features=features)
     load = pipeline.LoadOptions(arch=arch, key=key, bn_eps=bn_eps, prefix=prefix)
@@ -191,6 +194,7 @@ def verify(model: Path, checkpoint, prefix, bn_eps, as_json) -> None:
     A graph rvdeploy did not write gets the ONNX checker, an ONNX Runtime load and a lint: any
     re-parameterizable branch group left in it fails (exit 4) with the command that folds it.
     """
+    from rvdeploy import pipeline
     report = pipeline.verify_model(model, checkpoint, pipeline.LoadOptions(bn_eps=bn_eps, prefix=prefix))
     if as_json:
         print_json(report.to_dict())

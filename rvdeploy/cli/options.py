@@ -6,7 +6,7 @@ import click
 
 from rvdeploy.backends import ALIASES, canonical_backend
 from rvdeploy.errors import RvdeployError
-from rvdeploy.model import DEFAULT_BN_EPS
+from rvdeploy.arch import DEFAULT_BN_EPS
 from rvdeploy.preprocess import given_recipe, parse_size
 
 

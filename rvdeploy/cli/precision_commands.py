@@ -7,12 +7,11 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rvdeploy import pipeline
 from rvdeploy.cli.options import backend_choice, bn_eps_option, recipe_from, recipe_options, to_backend
 from rvdeploy.cli.render import console, print_json
 from rvdeploy.errors import RvdeployError
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.quantize import DEFAULT_METHOD
+from rvdeploy.precision.choices import DEFAULT_METHOD, METHODS, TARGETS
 
 
 def precision_options(command):
@@ -21,7 +20,7 @@ def precision_options(command):
     options = [
         click.option("--io-fp16", is_flag=True, help="With --fp16: FP16 model input and output too (default FP32)."),
         click.option("--calib", "calib_dir", type=click.Path(path_type=Path), help="Folder of calibration images (JPEG/PNG, recursive)."),
-        click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default=DEFAULT_METHOD, show_default=True,
+        click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
                      help="With --int8: calibration method (minmax was the best measured on the shipped model)."),
         click.option("--num-images", type=click.IntRange(min=1), help="Use the first N calibration images."),
         click.option("--calib-cache", type=click.Path(path_type=Path), help="With --int8: JSON cache of calibration ranges."),
@@ -43,6 +42,7 @@ def precision_options(command):
 
 def precision_from(precision: str | None, target: str, kwargs: dict, show_progress: bool, cpu: str = "auto"):
     """The FP16 or INT8 options from the shared precision options (popped from ``kwargs``)."""
+    from rvdeploy import pipeline
     probe_size = None
     if precision == "fp16" and kwargs["calib_dir"] is None and kwargs["mean"] is None and kwargs["std"] is None:
         probe_size = kwargs.pop("recipe_size")  # random FP16 probes need a size (for a dynamic input), no recipe
@@ -143,6 +143,7 @@ def layer_table(report) -> Table:
 
 
 def _summary(report) -> str:
+    from rvdeploy import pipeline
     if isinstance(report, pipeline.Int8Report):
         return _int8_summary(report)
     kept = ", ".join(k.node for k in report.kept_fp32) or "none"
@@ -156,7 +157,7 @@ def _summary(report) -> str:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Graph to write.")
 @click.option("--fp16", "precision", flag_value="fp16", help="FP16 weights and compute.")
 @click.option("--int8", "precision", flag_value="int8", help="Explicit Q/DQ INT8 (needs --calib).")
-@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,
+@click.option("--target", type=click.Choice(TARGETS), default="tensorrt", show_default=True,
               help="Q/DQ layout: TensorRT's, or the one ONNX Runtime on x86 CPUs runs fastest.")
 @click.option("--cpu", type=click.Choice(["auto", *CPU_CLASSES]), default="auto", show_default=True,
               help="With --target onnxruntime: the CPUs the graph is for. vnni: exact, fastest u8s8 kernels; avx2 (no VNNI): "
@@ -165,6 +166,7 @@ def _summary(report) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(model, output, precision, target, cpu, as_json, **kwargs) -> None:
     """Write an FP16 or INT8 (Q/DQ) graph of the FP32 ONNX MODEL."""
+    from rvdeploy import pipeline
     if precision is None:
         raise RvdeployError("choose --fp16 or --int8")
     if cpu != "auto" and precision != "int8":
@@ -201,6 +203,7 @@ def quantize(model, output, precision, target, cpu, as_json, **kwargs) -> None:
 def build_engine(model, output, precision, backend, min_batch, opt_batch, max_batch, workspace, timing_cache,
                  opt_level, tf32, force, as_json, **kwargs) -> None:
     """Build a TensorRT engine of MODEL (FP32, or FP16 / INT8 after the precision step)."""
+    from rvdeploy import pipeline
     if workspace is not None and workspace <= 0:
         raise RvdeployError(f"--workspace must be a positive number of MB, got {workspace:g}")
     settings = pipeline.BuildSettings(min_batch, opt_batch, max_batch, None if workspace is None else max(1, round(workspace)),
@@ -244,6 +247,7 @@ def eval_command(models, data_dir, device, batch, compare, bn_eps, as_json, **kw
     Several models are listed side by side with the top-1 change against the first; with
     --compare, each model's logits are also compared with the first's, image by image.
     """
+    from rvdeploy import pipeline
     recipe, allow_upscale = recipe_from(kwargs)
     options = pipeline.EvalOptions(device, batch, recipe, allow_upscale, compare, bn_eps, show_progress=not as_json)
     result = pipeline.evaluate_models(list(models), data_dir, options)

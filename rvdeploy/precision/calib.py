@@ -27,10 +27,10 @@ from rvdeploy.data import ImageSet, batches, pad_batch
 from rvdeploy.errors import RvdeployError, first_line
 from rvdeploy.files import atomic_output
 from rvdeploy.onnx_io import ORT_QUIET, fixed_batch, ort_errors, ort_session, run_session
+from rvdeploy.precision.choices import METHODS
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
 
-METHODS = ("entropy", "percentile", "minmax")
 QUANTIZED_OPS = ("Conv", "Gemm")
 CALIBRATED_OPS = (*QUANTIZED_OPS, "Relu")  # Relu ranges let the CPU layout fold Relu into its Q/DQ
 HISTOGRAM_BINS = 2048

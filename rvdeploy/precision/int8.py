@@ -27,9 +27,9 @@ import onnx
 from onnx import numpy_helper
 
 from rvdeploy.errors import QuantizeError
+from rvdeploy.precision.choices import TARGETS
 from rvdeploy.precision.calib import CALIBRATED_OPS, QUANTIZED_OPS, Calibration, method_enum, quiet_onnxruntime_tools
 
-TARGETS = ("tensorrt", "onnxruntime")
 
 
 @dataclass(frozen=True)

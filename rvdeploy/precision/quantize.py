@@ -25,18 +25,18 @@ from rvdeploy.files import atomic_output, check_output_path, sha256_file
 from rvdeploy.onnx_io import load_onnx, read_metadata, save_onnx, write_metadata
 from rvdeploy.precision.bias_correction import BiasCorrection, BiasCorrector
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.calib import METHODS, QUANTIZED_OPS, Calibration, activation_peaks, calibrate, model_feeds
+from rvdeploy.precision.choices import DEFAULT_METHOD, METHODS, TARGETS
+from rvdeploy.precision.calib import QUANTIZED_OPS, Calibration, activation_peaks, calibrate, model_feeds
 from rvdeploy.precision.cpu_format import CpuFormat, plan_cpu_format
 from rvdeploy.precision.equalize import EqualizeReport, equalize_graph
 from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, plan_fp32_nodes
 from rvdeploy.precision.guard import GuardReport, Top1Scorer, check_min_sqnr, fall_back_until_met
-from rvdeploy.precision.int8 import TARGETS, encode_weights, quantizable_nodes, quantize_int8
+from rvdeploy.precision.int8 import encode_weights, quantizable_nodes, quantize_int8
 from rvdeploy.precision.layer_report import LayerRow, layer_rows, plot_layers
 from rvdeploy.precision.mixed import PRECISIONS, MixedGraph, fallback_graph
 from rvdeploy.precision.sensitivity import OutputProbe, layer_sqnr, most_sensitive_first
 from rvdeploy.preprocess import Preprocess
 
-DEFAULT_METHOD = "minmax"  # the best of the three measured on the shipped model: benchmarks/results/int8_methods.md
 FP16_PROBES = 8
 
 
