@@ -1,7 +1,10 @@
 """Seeded probe inputs for any ONNX graph: what a graph-level proof (a graph fold, an equalization)
-runs the graph before and after on."""
+runs the graph before and after on; and the one-thread setting the proofs' small checks run in."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -31,3 +34,31 @@ def probe_feeds(model: onnx.ModelProto, batch: int = 2, size: int = 64, seed: in
         else:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+# A proof checks a linear, shift-invariant map (a conv) on a window this many receptive fields
+# (plus strides) wide: interior taps, borders and every stride phase are in it, so it fixes the map.
+WINDOW_FIELDS = 2
+
+
+def window_size(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> int:
+    """How much of an axis of ``size`` a proof of a conv (``kernel``, ``stride``, ``dilation``) needs:
+    :data:`WINDOW_FIELDS` receptive fields plus strides, congruent to ``size`` modulo the stride (SAME
+    pads depend on it); all of it when it is smaller."""
+    wanted = WINDOW_FIELDS * ((kernel - 1) * dilation + 1 + stride)
+    return size if wanted >= size else wanted + (size - wanted) % stride
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread: a proof's small checks gain nothing from more, and on a busy machine
+    torch's OpenMP threads wait on a descheduled peer (425 small float64 convolutions: 0.9 s idle,
+    111 s with another process on one of two cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

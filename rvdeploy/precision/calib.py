@@ -232,20 +232,22 @@ def calibrate(model_path: str | os.PathLike, model_sha256: str, images: ImageSet
 
 def activation_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], what: str | os.PathLike = "the graph") -> dict[str, float]:
     """The largest |value| every float tensor of ``model`` takes on ``feeds`` (run with onnxruntime);
-    ``what`` names the graph in errors."""
+    ``what`` names the graph in errors. Every tensor becomes an output with no declared type, so that
+    ONNX Runtime gives each its own (shape arithmetic is int64); only the float ones are kept."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
     for node in probe.graph.node:
         for name in node.output:
-            if name not in known:
-                probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            if name and name not in known:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
                 known.add(name)
     session = ort_session(probe.SerializeToString(), name="the graph with every tensor as an output")
     names = [o.name for o in session.get_outputs()]
     peaks: dict[str, float] = {}
     for feed in feeds:
         for name, value in zip(names, run_session(session, feed, what, names)):
-            peak = float(np.abs(value).max()) if value.size else 0.0
-            peaks[name] = max(peaks.get(name, 0.0), peak)
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                peak = float(np.abs(value).max()) if value.size else 0.0
+                peaks[name] = max(peaks.get(name, 0.0), peak)
     return peaks

@@ -64,17 +64,48 @@ def plan_fp32_nodes(graph: gs.Graph, activation_max: dict[str, float]) -> list[K
     return kept
 
 
+# Ops whose output type an attribute sets, not their inputs: they stay FP32 and their FP16 readers
+# cast (TensorRT folds casts of constants). Cast itself converts by its "to".
+_TYPED_BY_ATTRIBUTE = {"Constant", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                       "RandomUniformLike", "Multinomial"}
+
+
+def _opset(model: onnx.ModelProto, domain: str) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ((domain,) if domain else ("", "ai.onnx"))), 1)
+
+
+def _param(params, index: int):
+    """The formal parameter an input or output at ``index`` binds to (the last one is variadic)."""
+    return params[min(index, len(params) - 1)] if params else None
+
+
+def _fp16_type_vars(node: gs.Node, schema) -> set[str]:
+    """The type variables of ``node``'s schema that bind to its FP32 tensors and admit FP16: what turns
+    FP16 when the node does. Parameters of a fixed type (Resize's scales), integer tensors (shape
+    arithmetic) and their type variables are not among them."""
+    fp16 = "tensor(float16)"
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    bound = [(_param(schema.inputs, i), t) for i, t in enumerate(node.inputs)]
+    bound += [(_param(schema.outputs, i), t) for i, t in enumerate(node.outputs)]
+    return {param.type_str for param, tensor in bound
+            if param is not None and fp16 in allowed.get(param.type_str, ()) and not tensor.is_empty()
+            and tensor.dtype == np.float32}
+
+
 def convert_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset(), io_fp16: bool = False) -> onnx.ModelProto:
-    """``model`` with every node outside ``keep_fp32`` computing in FP16; Casts where precision changes."""
-    graph = gs.import_onnx(model)
-    fp16_nodes = {id(n) for n in graph.nodes if n.name not in keep_fp32}
+    """``model`` with every node outside ``keep_fp32`` computing in FP16; Casts where precision changes.
+
+    Only FP32 tensors change: each node's schema says which of its inputs and outputs share the
+    float type that turns FP16 (shape arithmetic stays int64, Resize's scales FP32). A node without
+    a schema here (a custom domain) stays FP32."""
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)  # every tensor's element type
+    except (onnx.shape_inference.InferenceError, ValueError):  # over 2 GB, or a graph it cannot follow
+        typed = model
+    graph = gs.import_onnx(typed)
+    graph.toposort()
     io_dtype = np.float16 if io_fp16 else np.float32
-
-    def dtype_of_producer(tensor: gs.Tensor):
-        if not tensor.inputs:  # a graph input
-            return io_dtype
-        return np.float16 if id(tensor.inputs[0]) in fp16_nodes else np.float32
-
+    dtypes = {t.name: t.dtype for t in graph.tensors().values()}  # as written; updated as nodes convert
     casts: dict[tuple[str, type], gs.Variable] = {}
 
     def cast(tensor: gs.Variable, dtype) -> gs.Variable:
@@ -86,26 +117,39 @@ def convert_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset(), io_f
             casts[key] = out
         return casts[key]
 
+    for tensor in graph.inputs:
+        if tensor.dtype == np.float32:
+            tensor.dtype = dtypes[tensor.name] = io_dtype
     for node in list(graph.nodes):
-        dtype = np.float16 if id(node) in fp16_nodes else np.float32
+        domain = node.domain or ""
+        schema = onnx.defs.get_schema(node.op, _opset(model, domain), domain) if onnx.defs.has(node.op, domain) else None
+        converts = schema is not None and node.name not in keep_fp32 and node.op not in _TYPED_BY_ATTRIBUTE
+        fp16_vars = _fp16_type_vars(node, schema) if converts else set()
         for i, tensor in enumerate(node.inputs):
+            if tensor.is_empty() or tensor.dtype not in (np.float32, np.float16):
+                continue
+            param = _param(schema.inputs, i) if schema is not None else None
+            wanted = np.float16 if param is not None and param.type_str in fp16_vars else np.float32
             if isinstance(tensor, gs.Constant):
-                if tensor.values.dtype == np.float32 and dtype == np.float16:
+                if tensor.values.dtype == np.float32 and wanted == np.float16:
                     # A private FP16 copy: a weight shared with an FP32 node keeps its FP32 original.
                     node.inputs[i] = gs.Constant(f"{tensor.name}_fp16", tensor.values.astype(np.float16))
-            elif dtype_of_producer(tensor) != dtype:
-                node.inputs[i] = cast(tensor, dtype)
-        for tensor in node.outputs:
-            tensor.dtype = dtype
-    for tensor in graph.inputs:
-        tensor.dtype = io_dtype
-    for index, tensor in enumerate(graph.outputs):
-        produced = dtype_of_producer(tensor)
-        if produced != io_dtype:
+            elif dtypes.get(tensor.name) != wanted:
+                node.inputs[i] = cast(tensor, wanted)
+        for i, tensor in enumerate(node.outputs):
+            param = _param(schema.outputs, i) if schema is not None else None
+            if tensor.dtype == np.float32 and param is not None and param.type_str in fp16_vars:
+                tensor.dtype = dtypes[tensor.name] = np.float16
+                if node.op == "Cast":
+                    node.attrs["to"] = onnx.TensorProto.FLOAT16
+    for tensor in graph.outputs:
+        if dtypes.get(tensor.name) == np.float16 and io_dtype == np.float32 or (
+                io_dtype == np.float16 and dtypes.get(tensor.name) == np.float32):
+            produced = dtypes[tensor.name]
             inner = gs.Variable(f"{tensor.name}_{'fp16' if produced == np.float16 else 'fp32'}", dtype=produced)
             tensor.inputs[0].outputs[tensor.inputs[0].outputs.index(tensor)] = inner
             graph.nodes.append(gs.Node("Cast", name=f"{tensor.name}/Cast_out", attrs={"to": io_dtype}, inputs=[inner], outputs=[tensor]))
-        tensor.dtype = io_dtype
+            tensor.dtype = io_dtype
     graph.cleanup().toposort()
     converted = export_like(graph, model)
     del converted.graph.value_info[:]  # stale FP32 shapes of intermediates would contradict the new types
