@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from rvdeploy.errors import OnnxError, OutputError, first_line
 from rvdeploy.files import atomic_output, check_output_path
@@ -228,6 +228,31 @@ def run_session(session, feed: dict, what: str | os.PathLike, output_names: list
         return session.run(output_names, feed)
     except ort_errors() as exc:
         raise OnnxError(f"ONNX Runtime cannot run {what}: {first_line(exc)}") from None
+
+
+def run_with_values(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str], what: str) -> dict:
+    """ONNX Runtime's values (the graph as written, no fusions) of the feeds, the graph outputs and
+    ``extra_outputs`` (intermediate tensors, added as outputs for this run only), by name: what a
+    proof captures. A graph over protobuf's 2 GB runs from a temporary file."""
+    present = {o.name for o in model.graph.output} | set(feeds)
+    added = [name for name in extra_outputs if name not in present]
+    count = len(model.graph.output)
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+    try:
+        names = [o.name for o in model.graph.output]
+        try:
+            serialized = model.SerializeToString()
+        except (ValueError, EncodeError):  # over protobuf's 2 GB
+            serialized = None
+        if serialized is not None:
+            values = run_session(ort_session(serialized, name=what, optimize=False), feeds, what, names)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_onnx(model, Path(tmp) / "model.onnx")  # its weights in model.onnx.data beside it
+                values = run_session(ort_session(path, name=what, optimize=False), feeds, what, names)
+    finally:
+        del model.graph.output[count:]
+    return {**feeds, **dict(zip(names, values))}
 
 
 def precision_label(meta: dict, with_target: bool = True) -> str:

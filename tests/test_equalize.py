@@ -20,8 +20,8 @@ from rvdeploy.export import ExportOptions, export_onnx
 from rvdeploy.imbalance import imbalance_graph
 from rvdeploy.onnx_io import ort_session, read_metadata, save_onnx
 from rvdeploy.pipeline import export_model
-from rvdeploy.precision.equalize import equalize_graph, weight_spread
-from rvdeploy.precision.same_function import prove_same_function
+from rvdeploy.precision.equalize import ChainWeights, analysed_graph, equalize_graph, find_pairs, weight_spread
+from rvdeploy.precision.same_function import prove_pairs
 from rvdeploy.precision.quantize import Int8Options, quantize_int8_file
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.reparam import fold
@@ -214,13 +214,26 @@ def test_single_conv_has_nothing_to_equalize():
     assert report.to_dict()["pairs"] == [] and report.node_spreads == {}
 
 
-def test_a_changed_function_fails_the_proof_naming_the_output(digits_onnx):
+def test_a_changed_function_fails_the_proof_naming_the_pair(digits_onnx, monkeypatch):
     model = onnx.load(digits_onnx)
-    broken = imbalance_graph(model)
-    weight = next(i for i in broken.graph.initializer if i.name == "linear.weight")
-    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.001), weight.name))
-    with pytest.raises(QuantizeError, match=r"output logits differs by .* over its float32 budget"):
-        prove_same_function(model, broken)
+    pairs, _ = find_pairs(analysed_graph(model))
+    unscaled = [ChainWeights(pairs).scaled_pair(p) for p in pairs]  # scales of 1: the identity, pair by pair
+    assert prove_pairs(model, model, unscaled).passed
+    broken = imbalance_graph(model)  # the same function end to end, but not pair by pair with scales of 1
+    with pytest.raises(QuantizeError, match=r"→ .* differs by .* over its float32 budget"):
+        prove_pairs(model, broken, unscaled)
+    # An equalization that writes one weight 0.1 % off is caught, naming its pair.
+    write = ChainWeights.write
+
+    def off(self, graph):
+        written = write(self, graph)
+        weight = next(i for i in written.graph.initializer if i.name == "linear.weight")
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.001), weight.name))
+        return written
+
+    monkeypatch.setattr(ChainWeights, "write", off)
+    with pytest.raises(QuantizeError, match=r"stage4.0.* → /linear/Gemm differs by .* over its float32 budget"):
+        equalize_graph(model)
 
 
 # -- imbalance -----------------------------------------------------------------------------------

@@ -17,14 +17,11 @@ window, on one thread, at a cost set by the kernels rather than by the activatio
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
-from google.protobuf.message import EncodeError
 
 from rvdeploy.compare import EXTRA_TERMS, NOISE_MARGIN, SAFETY, U32, compare_outputs, worst
 from rvdeploy.graphfold.fold import fold_model
@@ -32,32 +29,8 @@ from rvdeploy.graphfold.nodes import ConvNode, read_conv, read_gemm
 from rvdeploy.graphfold.reference import Expr, GemmRef, Input
 from rvdeploy.graphfold.results import GraphFoldOptions, GraphFoldProof, GroupCheck
 from rvdeploy.graphfold.state import Folded
-from rvdeploy.onnx_io import ort_session, run_session, save_onnx
+from rvdeploy.onnx_io import run_with_values
 from rvdeploy.probes import one_thread, probe_feeds, window_size
-
-
-def _run(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str], what: str) -> dict[str, np.ndarray]:
-    """ONNX Runtime's values of the graph outputs and of ``extra_outputs`` (intermediate tensors,
-    added as outputs for this run only). A graph over protobuf's 2 GB runs from a temporary file."""
-    present = {o.name for o in model.graph.output} | set(feeds)
-    added = [name for name in extra_outputs if name not in present]
-    count = len(model.graph.output)
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
-    try:
-        names = [o.name for o in model.graph.output]
-        try:
-            serialized = model.SerializeToString()
-        except (ValueError, EncodeError):  # over protobuf's 2 GB
-            serialized = None
-        if serialized is not None:
-            values = run_session(ort_session(serialized, name=what, optimize=False), feeds, what, names)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = save_onnx(model, Path(tmp) / "model.onnx")  # its weights in model.onnx.data beside it
-                values = run_session(ort_session(path, name=what, optimize=False), feeds, what, names)
-    finally:
-        del model.graph.output[count:]
-    return {**feeds, **dict(zip(names, values))}
 
 
 def _candidate(node: gs.Node) -> tuple[Expr, int, ConvNode | None]:
@@ -124,8 +97,8 @@ def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[
     the original nodes it replaces, on its input captured from ``original``; compare the graphs
     end to end for the record."""
     feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
-    captured = _run(original, feeds, sorted({f.input for f in folds.values()}), "the input graph")
-    after = _run(folded_model, feeds, [], "the folded graph")
+    captured = run_with_values(original, feeds, sorted({f.input for f in folds.values()}), "the input graph")
+    after = run_with_values(folded_model, feeds, [], "the folded graph")
     tensors = gs.import_onnx(folded_model).tensors()
     checks = []
     with one_thread():

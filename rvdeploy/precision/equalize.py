@@ -7,7 +7,8 @@ the first can be divided by s_c and input channel c of the second multiplied by 
 changing the function; s_c = sqrt(r1_c / r2_c) (r: per-channel absolute weight range) gives both
 the same range. Sweeps over the chain repeat until the scales converge. It reads the graph alone
 (no rvdeploy metadata needed); only initializer values change; every pair it cannot equalize
-exactly is named with the reason; the result is checked with ONNX Runtime against the original.
+exactly is named with the reason; each equalized pair is proven alone against the original's
+(:mod:`rvdeploy.precision.same_function`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from onnx import numpy_helper
 
 from rvdeploy.compare import Comparison
 from rvdeploy.graph_edit import node_label
-from rvdeploy.precision.same_function import prove_same_function
+from rvdeploy.precision.same_function import ScaledPair, prove_pairs
 
 LAYER_OPS = ("Conv", "Gemm")
 # Per-channel and positively homogeneous (f(x / s) = f(x) / s for s > 0): a scale passes through.
@@ -284,6 +285,11 @@ class ChainWeights:
         self.layer(pair.first).out_scale /= scale
         self.layer(pair.second).in_scale *= scale
 
+    def scaled_pair(self, pair: LayerPair) -> ScaledPair:
+        """What the proof checks of ``pair``: the scales on the first layer's inputs and the second's outputs."""
+        return ScaledPair(pair.first.outputs[0].name, pair.second.outputs[0].name,
+                          self.layer(pair.first).in_scale, self.layer(pair.second).out_scale)
+
     def write(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of ``model`` with the scaled weights (cast to float32 once); nothing else changes."""
         values = {name: array for layer in self.layers.values() for name, array in layer.scaled_values().items()}
@@ -324,5 +330,7 @@ def equalize_graph(model: onnx.ModelProto, prove: bool = True, probe_size: int =
     return equalized, EqualizeReport(
         [EqualizedPair(node_label(p.first), node_label(p.second), before[node_label(p.first)], weights.spread(p.first),
                        float(scale.min()), float(scale.max())) for p, scale in zip(pairs, scales)],
-        skipped, sweeps, prove_same_function(model, equalized, probe_size, f"the equalized {name}", name) if prove and pairs else None,
+        skipped, sweeps,
+        prove_pairs(model, equalized, [weights.scaled_pair(p) for p in pairs], probe_size, f"the equalized {name}", name)
+        if prove and pairs else None,
         {node_label(node): (before[node_label(node)], weights.spread(node)) for node in touched})

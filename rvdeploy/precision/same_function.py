@@ -1,11 +1,22 @@
-"""Proving that a rewritten graph computes its original's function: ONNX Runtime runs both on seeded
-probes, and each output must be as close to the original's float64 value (ONNX's reference
-runtime) as the original's own float32 run is, within :func:`rvdeploy.compare.compare_outputs`'s
-budget. Cross-layer equalization proves itself with it.
+"""Proving that an equalized graph computes its original's function, pair by pair.
+
+Equalization changes only the weights of the layers it pairs: the first layer's output channel c is
+divided by its scale, the second's input channel c multiplied by it, and a layer in two pairs (a
+chain) carries the scales of both. So each pair's chain (first layer, the ops between, second
+layer) satisfies equalized(x / s_in) = original(x) * s_out, with s_in the scales on the first layer's
+input channels and s_out those on the second layer's outputs. Each pair is checked alone on that
+identity: the original graph runs once in ONNX Runtime on seeded probes, capturing every pair's
+input; both chains run in float64 with ONNX's reference runtime on the corner of the captured input
+that fixes them (:func:`rvdeploy.probes.window_size`), and must agree within the budget of the
+original chain's own float32 noise (ONNX Runtime float32 against float64,
+:func:`rvdeploy.compare.compare_outputs`). Nothing else of the graph has to run in float64: an op
+anywhere else that the reference runtime lacks (GridSample...) does not matter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -13,8 +24,8 @@ from onnx import numpy_helper
 
 from rvdeploy.compare import Comparison, compare_outputs, worst
 from rvdeploy.errors import QuantizeError, first_line
-from rvdeploy.onnx_io import ort_session, run_session
-from rvdeploy.probes import probe_feeds
+from rvdeploy.onnx_io import ort_session, run_session, run_with_values
+from rvdeploy.probes import probe_feeds, window_size
 
 
 def _as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -35,31 +46,87 @@ def _as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def prove_same_function(original: onnx.ModelProto, changed: onnx.ModelProto, probe_size: int = 32,
-                        what: str = "the equalized graph", original_name: str = "the original graph") -> Comparison:
-    """``changed`` (called ``what`` in errors) against ``original`` (``original_name``) on seeded
-    probes, each output within the budget of the original's own float32 noise (ONNX Runtime float32
-    vs. ONNX's reference runtime in float64); the worst output's comparison, or
+def _chain(model: onnx.ModelProto, first: onnx.NodeProto, second: onnx.NodeProto) -> onnx.ModelProto:
+    """The subgraph from ``first``'s input to ``second``'s output: the layers and the ops between."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    constants = {init.name for init in model.graph.initializer}
+    nodes, pending, seen = [], [second], set()
+    while pending:  # backwards from the second layer to the first one's input
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        if node is first:
+            continue
+        pending += [producers[name] for name in node.input if name and name in producers]
+    order = {id(node): index for index, node in enumerate(model.graph.node)}
+    nodes.sort(key=lambda node: order[id(node)])
+    used = {name for node in nodes for name in node.input}
+    graph = onnx.helper.make_graph(
+        nodes, "pair", [onnx.helper.make_tensor_value_info(first.input[0], onnx.TensorProto.FLOAT, None)],
+        [onnx.helper.make_tensor_value_info(second.output[0], onnx.TensorProto.FLOAT, None)],
+        [init for init in model.graph.initializer if init.name in used and init.name in constants])
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def _window(x: np.ndarray, first: onnx.NodeProto) -> np.ndarray:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
+    kernel = attrs.get("kernel_shape", [3] * (x.ndim - 2))
+    strides = attrs.get("strides", [1] * (x.ndim - 2))
+    sizes = [window_size(size, k, s) for size, k, s in zip(x.shape[2:], kernel, strides)]
+    return x[(slice(None), slice(None), *(slice(0, n) for n in sizes))]
+
+
+@dataclass(frozen=True)
+class ScaledPair:
+    first: str  # the output tensor of the pair's first layer...
+    second: str  # ...and of its second
+    input_scale: np.ndarray  # on the first layer's input channels (1 where no pair before it)
+    output_scale: np.ndarray  # on the second layer's output channels (1 where no pair after it)
+
+
+def _per_channel(scale: np.ndarray, ndim: int) -> np.ndarray:
+    return scale.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def prove_pairs(original: onnx.ModelProto, changed: onnx.ModelProto, pairs: Sequence[ScaledPair],
+                probe_size: int = 32, what: str = "the equalized graph",
+                original_name: str = "the original graph") -> Comparison:
+    """Each pair of ``changed`` (called ``what`` in errors) against the same pair of ``original``
+    (``original_name``), on its input captured from ``original``; the worst pair's comparison, or
     :class:`QuantizeError` naming it."""
     from onnx.reference import ReferenceEvaluator
 
+    nodes = {name: {out: n for n in graph.graph.node for out in n.output}
+             for name, graph in (("original", original), ("changed", changed))}
+    firsts = [nodes["original"][pair.first] for pair in pairs]
     feeds = probe_feeds(original, size=probe_size)
-    names = [o.name for o in original.graph.output]
-    # The original first: a graph ONNX Runtime cannot run is named as the user knows it.
-    theirs, ours = (run_session(ort_session(graph.SerializeToString(), name=name, optimize=False), feeds, name, names)
-                    for graph, name in ((original, original_name), (changed, what)))
-    overflowing = next((name for name, out in zip(names, theirs) if not np.isfinite(out).all()), None)
+    captured = run_with_values(original, feeds, sorted({node.input[0] for node in firsts}), original_name)
+    overflowing = next((o.name for o in original.graph.output if not np.isfinite(captured[o.name]).all()), None)
     if overflowing:
         raise QuantizeError(f"on probe inputs {original_name}'s output {overflowing} and maybe more tensors take NaN or infinite "
                             "values (are its weights finite?); it cannot be quantized")
-    try:
-        exact = ReferenceEvaluator(_as_float64(original)).run(names, {k: v.astype(np.float64) for k, v in feeds.items()})
-    except Exception as exc:  # the reference runtime's own errors: an op it does not implement in float64
-        raise QuantizeError(f"cannot check {what}: ONNX's reference runtime cannot run the original in float64 "
-                            f"({first_line(exc)})") from None
-    checks = [compare_outputs(a, b, c) for a, b, c in zip(ours, exact, theirs)]
-    closest = worst(checks)
-    if not closest.passed:
-        raise QuantizeError(f"{what} does not compute the original function: output {names[checks.index(closest)]} "
-                            f"differs by {closest.max_rel_error:.3g} relative, over its float32 budget {closest.budget_rel:.3g}")
-    return closest
+    checks = []
+    for pair in pairs:
+        first = nodes["original"][pair.first]
+        label = f"{first.name or pair.first} → {nodes['original'][pair.second].name or pair.second}"
+        chains = {name: _chain(graph, nodes[name][pair.first], nodes[name][pair.second])
+                  for name, graph in (("original", original), ("changed", changed))}
+        x = _window(captured[first.input[0]], first)
+        name = first.input[0]
+        theirs = run_session(ort_session(chains["original"].SerializeToString(), name=original_name, optimize=False),
+                             {name: x}, original_name)[0]
+        x64 = x.astype(np.float64)
+        try:
+            exact = ReferenceEvaluator(_as_float64(chains["original"])).run(None, {name: x64})[0]
+            scaled = ReferenceEvaluator(_as_float64(chains["changed"])).run(None, {name: x64 / _per_channel(pair.input_scale, x.ndim)})[0]
+            ours = scaled / _per_channel(pair.output_scale, scaled.ndim)
+        except Exception as exc:  # the reference runtime's own errors: an op it does not implement in float64
+            raise QuantizeError(f"cannot check {what}: ONNX's reference runtime cannot run {label} in float64 "
+                                f"({first_line(exc)})") from None
+        checks.append(compare_outputs(ours, exact, theirs))
+        if not checks[-1].passed:
+            raise QuantizeError(f"{what} does not compute the original function: {label} differs by "
+                                f"{checks[-1].max_rel_error:.3g} relative, over its float32 budget {checks[-1].budget_rel:.3g}")
+    return worst(checks)
