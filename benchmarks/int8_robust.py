@@ -89,7 +89,8 @@ def digits_rows(folder: Path) -> list[dict]:
                 for corrected in (False, True):
                     out = folder / "int8" / f"{path.stem}_{target}_{'cle' if equalize else 'nocle'}{'_bc' if corrected else ''}.onnx"
                     out.parent.mkdir(exist_ok=True)
-                    options = Int8Options(CALIB, target=target, equalize=equalize, bias_correction=corrected, show_progress=False)
+                    options = Int8Options(CALIB, target=target, equalize=equalize, bias_correction=corrected, min_sqnr=0,
+                                          show_progress=False)  # the all-INT8 graph: no floor
                     row = int8_row(path, out, options, held, reference, fp32_top1)
                     row.update(variant=variant, fp32_top1=variant_top1, fp32_sqnr_db=variant_sqnr)
                     key = (equalize, target, corrected)
@@ -129,7 +130,7 @@ def guard_rows(path: Path, variant: str, folder: Path, held, reference: np.ndarr
     for equalize in (False, True):
         for guard, limits in GUARDS.items():
             out = folder / "int8" / f"{path.stem}_guard_{'cle' if equalize else 'nocle'}_{'val' if 'val_dir' in limits else 'sqnr'}.onnx"
-            options = Int8Options(CALIB, equalize=equalize, show_progress=False, **limits)
+            options = Int8Options(CALIB, equalize=equalize, show_progress=False, **{"min_sqnr": 0, **limits})
             row = {**int8_row(path, out, options, held, reference, fp32_top1), "group": "guard", "variant": variant,
                    "guard": guard}
             row["goal_guard"] = "met" if row["out_of_int8"] <= MAX_GUARD_FALLBACK else "missed"

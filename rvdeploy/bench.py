@@ -7,6 +7,7 @@ compares two different functions.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -26,6 +27,9 @@ from rvdeploy.reparam import fuse
 from rvdeploy.runners import Runner, RunnerOptions, TorchRunner, open_runner
 from rvdeploy.timing import REFERENCE_WORKLOAD, Latency, measure_cuda, measure_with_reference, reference_workload
 from rvdeploy.weights import TrainWeights
+
+# One timed input batch beyond this is no benchmark: a graph declaring 2^20 x 2^20 pixels is refused by name.
+MAX_INPUT_BYTES = 4 * 2 ** 30
 
 
 class BenchError(RvdeployError):
@@ -123,7 +127,8 @@ def _same_function(runners: list[Runner], shape: tuple[int, int, int]) -> list[d
 
 
 def _input_shape(runner: Runner, settings: BenchSettings) -> tuple[int, int, int]:
-    """C, H, W to time: a graph's own fixed size, else ``--input-size``, the recipe's, or 224x224."""
+    """C, H, W to time: a graph's own fixed size, else ``--input-size``, the recipe's, or 224x224;
+    refused when the largest batch of it would not fit in :data:`MAX_INPUT_BYTES`."""
     channels, height, width = runner.input_chw or (None, None, None)
     if height is not None and width is not None:
         if settings.input_size is not None and tuple(settings.input_size) != (height, width):
@@ -132,7 +137,12 @@ def _input_shape(runner: Runner, settings: BenchSettings) -> tuple[int, int, int
         size = (height, width)
     else:
         size = settings.input_size or (runner.preprocess.input_size if runner.preprocess else (224, 224))
-    return channels or 3, *size
+    shape = (channels or 3, *size)
+    largest = max(settings.batches) * math.prod(shape) * 4
+    if largest > MAX_INPUT_BYTES:
+        raise BenchError(f"{runner.name}: a float32 input of {'x'.join(map(str, shape))} at batch {max(settings.batches)} "
+                         f"takes {largest / 2 ** 30:.3g} GiB, over the {MAX_INPUT_BYTES // 2 ** 30} GiB one timed input may take")
+    return shape
 
 
 def _time(runner: Runner, batch: int, shape: tuple[int, int, int], settings: BenchSettings,

@@ -10,6 +10,7 @@ import shutil
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -68,7 +69,7 @@ def test_bench_takes_the_input_size_from_the_graph(tmp_path, graphs, kind, batch
     """Was: internal error ... INVALID_ARGUMENT: Got invalid dimensions for input (224 px fed to a 64 px graph)."""
     report, stdout = _bench(tmp_path, graphs[kind])
     assert [r["batch"] for r in report["results"]] == batches
-    assert {r["variant"] for r in report["results"]} == {f"fused@{SIZE}x{SIZE}"}
+    assert {r["variant"] for r in report["results"]} == {f"unknown@{SIZE}x{SIZE}"}  # another tool's graph says nothing
     assert all(r["latency_ms"]["p50"] > 0 for r in report["results"])
     if kind == "static":
         assert report["skipped_batches"] == [{"model": "timm-b1", "fixed_batch": 1, "batches": [2]}]
@@ -139,3 +140,17 @@ def test_eval_of_a_foreign_graph_agrees_with_the_rvdeploy_export(tmp_path, graph
     assert all(r["images"] == 8 for r in results)
     assert len({r["top1"] for r in results}) == 1
     assert all(r["vs_first"]["top1_agreement"] == 1.0 and r["vs_first"]["max_rel_error"] < 1e-4 for r in results[1:])
+
+
+def test_bench_refuses_an_impossible_input_size_in_one_line(tmp_path):
+    """Was: internal error: MemoryError (a graph declaring 2^20 x 2^20 pixels)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    side = 2 ** 20
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "huge",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, side, side])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, side, side])],
+                              [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
+    path = tmp_path / "huge.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    assert_one_line_error(*run("bench", path, *FAST_BENCH), r"huge\.onnx: a float32 input of 3x1048576x1048576 at batch \d+ takes .* GiB")

@@ -288,8 +288,8 @@ def test_bad_report_paths_and_limits_fail_before_any_work(work, digits_onnx, tmp
     assert_one_line_error(*run(*base, "--report", tmp_path / "missing" / "r.json"), r"--report .*missing.* does not exist")
     assert_one_line_error(*run(*base, "--plot", tmp_path / "missing" / "r.png"), r"--plot .*does not exist")
     assert_one_line_error(*run(*base, "--report", tmp_path), r"is a directory")
-    for value in ("nan", "inf", "-5", "0", "1e9"):
-        assert_one_line_error(*run(*base, "--min-sqnr", value), r"--min-sqnr must be a number of dB above 0 and at most 100")
+    for value in ("nan", "inf", "-5", "1e9"):
+        assert_one_line_error(*run(*base, "--min-sqnr", value), r"--min-sqnr must be a number of dB from 0 \(no floor\) to 100")
     assert_one_line_error(*run("quantize", digits_onnx, "--fp16", "-o", out, "--report", tmp_path / "r.json"),
                           r"--report is for --int8")
     assert list(tmp_path.iterdir()) == []  # nothing written, not even the graph
@@ -351,3 +351,17 @@ def test_a_graph_with_nothing_to_equalize_says_so(work, digits_onnx, tmp_path):
     report = json.loads(run("quantize", stem, "--int8", "--calib", CALIB, "--num-images", 32, "-o", tmp_path / "s.onnx",
                             "--json")[1])
     assert report["equalization"]["pairs"] == [] and report["layers"][0]["block"] == "stage0"
+
+
+def test_a_default_floor_keeps_int8_from_being_silently_bad(work, imbalanced):
+    """By default the written graph reaches 20 dB on the calibration images: the imbalanced net without
+    equalization (under 20 dB all-INT8) has its most sensitive layers taken out of INT8; --min-sqnr 0
+    writes the all-INT8 graph, and a graph that meets the floor costs no sensitivity pass."""
+    floored = quantize_int8_file(imbalanced, work / "floored.onnx", options(equalize=False))
+    assert floored.guard.min_sqnr_db == 20.0 and floored.guard.int8_sqnr_db < 20 <= floored.output_sqnr_db
+    assert floored.guard.fallback and floored.guard.met
+    raw = quantize_int8_file(imbalanced, work / "raw.onnx", options(equalize=False, min_sqnr=0))
+    assert raw.guard is None and raw.output_sqnr_db < 20 and not raw.fp16_nodes
+    healthy = quantize_int8_file(imbalanced, work / "healthy.onnx", options())
+    assert healthy.guard.met and not healthy.guard.fallback
+    assert all(row.sqnr_db is None for row in healthy.layers)  # met at once: no layer was measured alone

@@ -11,7 +11,7 @@ from rvdeploy.cli.options import backend_choice, bn_eps_option, recipe_from, rec
 from rvdeploy.cli.render import console, print_json
 from rvdeploy.errors import RvdeployError
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.choices import DEFAULT_METHOD, METHODS, TARGETS
+from rvdeploy.precision.choices import DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, METHODS, TARGETS
 
 
 def precision_options(command):
@@ -28,8 +28,9 @@ def precision_options(command):
                      help="With --int8: cross-layer equalization of the FP32 graph before calibration."),
         click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
                      help="With --int8: correct each INT8 layer's bias by its mean output error on the calibration images."),
-        click.option("--min-sqnr", type=float, help="With --int8: label-free guard: the output SQNR (dB) against FP32 on the "
-                     "calibration images must reach this; the most sensitive layers leave INT8 until it does."),
+        click.option("--min-sqnr", type=float, help="With --int8: label-free floor: the output SQNR (dB) against FP32 on the "
+                     f"calibration images must reach this; the most sensitive layers leave INT8 until it does "
+                     f"[default: {DEFAULT_MIN_SQNR_DB:g}; 0 turns it off]."),
         click.option("--val", "val_dir", type=click.Path(path_type=Path), help="With --int8: validation folder (one sub-folder per class) for the accuracy guard."),
         click.option("--max-top1-drop", type=click.FloatRange(min=0), help="With --int8: the accuracy guard's allowed top-1 drop in points."),
         click.option("--report", "report_path", type=click.Path(dir_okay=False), help="With --int8: write the per-layer report as JSON."),
@@ -60,7 +61,7 @@ def precision_from(precision: str | None, target: str, kwargs: dict, show_progre
         return pipeline.Fp16Options(io_fp16=io_fp16, probe_size=probe_size, **images)
     if precision == "int8":
         return pipeline.Int8Options(target=target, cpu=cpu, method=method, cache_path=cache, equalize=equalize,
-                                    bias_correction=bias_correction, min_sqnr=min_sqnr,
+                                    bias_correction=bias_correction, min_sqnr=DEFAULT_MIN_SQNR_DB if min_sqnr is None else min_sqnr,
                                     val_dir=val_dir, max_top1_drop=max_drop, report_path=report, plot_path=plot,
                                     show_progress=show_progress, **images)
     return None

@@ -25,16 +25,16 @@ from rvdeploy.precision.sensitivity import FEED_BATCH, OutputProbe
 from rvdeploy.preprocess import Preprocess
 
 # FP32 recomputed in another order stays near 140 dB; FP16 alone reaches about 60-80 dB. A limit
-# beyond this is no INT8 graph's, and a limit of 0 dB or less lets noise as large as the signal pass.
+# beyond this is no INT8 graph's, and a limit below 0 dB lets noise larger than the signal pass.
 MAX_MIN_SQNR_DB = 100.0
 
 
 def check_min_sqnr(value: float | None) -> None:
-    """Refuse a label-free limit that is not a finite number of dB in (0, MAX_MIN_SQNR_DB]."""
+    """Refuse a label-free limit that is not a finite number of dB in [0, MAX_MIN_SQNR_DB] (0: no floor)."""
     if value is None:
         return
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= MAX_MIN_SQNR_DB:
-        raise QuantizeError(f"--min-sqnr must be a number of dB above 0 and at most {MAX_MIN_SQNR_DB:g} "
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_MIN_SQNR_DB:
+        raise QuantizeError(f"--min-sqnr must be a number of dB from 0 (no floor) to {MAX_MIN_SQNR_DB:g} "
                             f"(FP16 alone reaches about 60-80 dB), got {value}")
 
 
@@ -89,7 +89,7 @@ def _met(min_sqnr_db, max_top1_drop, sqnr, fp32_top1, top1) -> bool:
 def fall_back_until_met(
     fp32: onnx.ModelProto,
     first: MixedGraph,
-    ranking: list[str],
+    ranking: Callable[[], list[str]],
     build: Callable[[tuple[str, ...]], MixedGraph],
     probe: OutputProbe,
     min_sqnr_db: float | None,
@@ -97,8 +97,9 @@ def fall_back_until_met(
     scorer: Top1Scorer | None = None,
 ) -> tuple[MixedGraph, GuardReport]:
     """From ``first`` (every layer in INT8), ``build(fallback)`` for the shortest prefix ``fallback`` of
-    ``ranking`` (most sensitive layer first) that meets every limit given, and the guard's report.
-    Every candidate is measured whole: the limits hold for the graph that is written, not an estimate."""
+    ``ranking()`` (most sensitive layer first; asked for only when ``first`` misses a limit) that meets
+    every limit given, and the guard's report. Every candidate is measured whole: the limits hold for
+    the graph that is written, not an estimate."""
     if (max_top1_drop is None) != (scorer is None):
         raise QuantizeError("the accuracy guard needs both --val and --max-top1-drop")
     candidate = first
@@ -107,7 +108,7 @@ def fall_back_until_met(
     if scorer is not None:
         report.fp32_top1 = scorer.top1(fp32)
         report.int8_top1 = report.final_top1 = scorer.top1(candidate.model)
-    for node in ranking:
+    for node in ranking() if not report.met else ():
         if report.met:
             break
         report.fallback.append(node)

@@ -25,7 +25,7 @@ from rvdeploy.files import atomic_output, check_output_path, sha256_file
 from rvdeploy.onnx_io import load_onnx, read_metadata, save_onnx, write_metadata
 from rvdeploy.precision.bias_correction import BiasCorrection, BiasCorrector
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.choices import DEFAULT_METHOD, METHODS, TARGETS
+from rvdeploy.precision.choices import DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, METHODS, TARGETS
 from rvdeploy.precision.calib import QUANTIZED_OPS, Calibration, activation_peaks, calibrate, model_feeds
 from rvdeploy.precision.cpu_format import CpuFormat, plan_cpu_format
 from rvdeploy.precision.equalize import EqualizeReport, equalize_graph
@@ -64,7 +64,7 @@ class Int8Options(ImageOptions):
     cache_path: str | os.PathLike | None = None
     equalize: bool = True  # cross-layer equalization of the FP32 graph before calibration
     bias_correction: bool = True  # empirical bias correction of the INT8 layers of every candidate graph
-    min_sqnr: float | None = None  # label-free guard: the output SQNR (dB) against FP32 on the calibration images
+    min_sqnr: float | None = DEFAULT_MIN_SQNR_DB  # label-free floor: output SQNR (dB) against FP32 on the calibration images; 0 or None: off
     val_dir: str | os.PathLike | None = None  # labelled guard: validation images...
     max_top1_drop: float | None = None  # ...and the top-1 drop (points) allowed on them
     report_path: str | os.PathLike | None = None  # the per-layer report as JSON
@@ -255,7 +255,8 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     scorer = None
     if options.val_dir is not None:
         scorer = Top1Scorer(model, labelled_folder(options.val_dir, recipe, options.allow_upscale), recipe, model_path)
-    guarded = options.min_sqnr is not None or scorer is not None
+    floor = options.min_sqnr or None  # 0: no floor
+    guarded = floor is not None or scorer is not None
     source_sha256 = sha256_file(model_path)
     with tempfile.TemporaryDirectory(prefix="rvdeploy-int8-") as tmp:
         graph, graph_path, equalization = _graph_to_quantize(model, model_path, options.equalize, Path(tmp))
@@ -270,14 +271,20 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         measured_unsigned = cpu_format.measured_unsigned if cpu_format else frozenset()
         first = MixedGraph(encode_weights(first, measured_unsigned) if measured_unsigned else first,
                            {node: "int8" for node in quantizable_nodes(graph)})
-        sqnr = {}
-        if guarded or options.report_path or options.plot_path:
-            sqnr = layer_sqnr(graph, first.model, probe, options.show_progress)
+        uncorrected, sqnr = first.model, {}
+
+        def sensitivity() -> dict[str, float]:  # one pass per layer: only for a report, or a guard with work to do
+            if not sqnr:
+                sqnr.update(layer_sqnr(graph, uncorrected, probe, options.show_progress))
+            return sqnr
+
+        if options.report_path or options.plot_path:
+            sensitivity()
         peaks = functools.cache(lambda: activation_peaks(graph, probe.feeds, model_path))
 
         corrected = _Corrected(graph, probe, options.target, model_path) if options.bias_correction else None
         if corrected:
-            first = corrected(first)  # after the sensitivity, which grafts the uncorrected layers one at a time
+            first = corrected(first)  # the sensitivity grafts the uncorrected layers, one at a time
 
         def build(fallback: tuple[str, ...]) -> MixedGraph:
             candidate = fallback_graph(graph_path, calibration, options.target, fallback, peaks, measured_unsigned)
@@ -285,8 +292,8 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
 
         guard_report = None
         if guarded:
-            final, guard_report = fall_back_until_met(model, first, most_sensitive_first(sqnr), build, probe,
-                                                      options.min_sqnr, options.max_top1_drop, scorer)
+            final, guard_report = fall_back_until_met(model, first, lambda: most_sensitive_first(sensitivity()), build, probe,
+                                                      floor, options.max_top1_drop, scorer)
             output_sqnr = guard_report.final_sqnr_db
         else:
             final, output_sqnr = first, first.output_sqnr(probe)

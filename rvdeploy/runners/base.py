@@ -54,7 +54,7 @@ class Runner:
 
     backend: str
     arch: str = "unknown"
-    form: str = "fused"  # or "multi-branch"
+    form: str = "fused"  # or "multi-branch"; "unknown" for a graph without rvdeploy metadata
     precision: str = "fp32"
     preprocess: Preprocess | None = None
     num_classes: int | None = None
@@ -141,7 +141,7 @@ class Runner:
             raise RunnerError(f"{self.path}: {exc}") from None
         self.num_classes = meta.get("num_classes")
         self.arch = meta.get("arch", self.path.stem)
-        self.form = meta.get("form", "fused")
+        self.form = meta.get("form", "unknown")  # another tool's graph: folded or not, it does not say
 
     def _acquire(self) -> None:
         raise NotImplementedError
