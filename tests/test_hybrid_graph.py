@@ -100,6 +100,8 @@ def test_int8_takes_the_hybrid_graph(hybrid, held_out, tmp_path, target):
     code, stdout, stderr = run("quantize", hybrid, "--int8", "--target", target, "--calib", CALIB, "--num-images", 128,
                                "--allow-upscale", *RECIPE, "-o", out)
     assert code == 0, stderr
+    equalization = next(line for line in stdout.splitlines() if line.startswith("equalization"))
+    assert "a SiLU between them" in equalization and "squeeze-excitation" not in equalization  # named by what it is
     logits, features = _outputs(out, held_out)
     ref_logits, ref_features = _outputs(hybrid, held_out)
     assert sqnr_db(logits, ref_logits) >= 18.0 and sqnr_db(features, ref_features) >= 18.0

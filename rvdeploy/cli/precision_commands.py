@@ -93,6 +93,18 @@ def _cpu_format_line(cpu_format, int8_layers: int) -> str:
     return line + f"; every SQNR here was measured on this CPU ({cpu_format.this_cpu})"
 
 
+SKIPPED_SHOWN = 3  # the rest are in --report
+
+
+def _skipped(skipped) -> str:
+    """The layers equalization left alone: a count and the first few, with their reasons."""
+    if not skipped:
+        return ""
+    shown = "; ".join(f"{s.first} → {s.second or '-'} ({s.reason})" for s in skipped[:SKIPPED_SHOWN])
+    more = f"; {len(skipped) - SKIPPED_SHOWN} more in --report" if len(skipped) > SKIPPED_SHOWN else ""
+    return f"; {len(skipped)} skipped: {shown}{more}"
+
+
 def _int8_summary(report) -> str:
     calibrated = "from the cache" if report.from_cache else f"in {report.calibration_seconds:.1f} s"
     lines = [f"INT8 ({report.target} layout, {report.method}): {report.quantized_nodes} layers quantized, "
@@ -105,8 +117,7 @@ def _int8_summary(report) -> str:
         lines.append("equalization: nothing to equalize in this graph"
                      + (f" ({len(eq.skipped)} layers skipped: {eq.skipped[0].reason})" if eq.skipped else ""))
     else:
-        skipped = "; skipped: " + "; ".join(f"{s.first} → {s.second or '-'} ({s.reason})" for s in eq.skipped) if eq.skipped else ""
-        lines.append(f"equalization: {len(eq.pairs)} layer pairs equalized in {eq.sweeps} sweeps{skipped}")
+        lines.append(f"equalization: {len(eq.pairs)} layer pairs equalized in {eq.sweeps} sweeps{_skipped(eq.skipped)}")
     lines.append(_bias_correction_line(report.bias_correction))
     if report.cpu_format:
         lines.append(_cpu_format_line(report.cpu_format, report.quantized_nodes))

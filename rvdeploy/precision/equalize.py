@@ -171,10 +171,19 @@ def _second_problem(node: gs.Node, tensor: gs.Tensor, channels: int, fed: set[st
     return None
 
 
-def _se_gate(readers: list[gs.Node]) -> gs.Node | None:
-    """The Mul of a squeeze-excitation block among the readers of a tensor (it multiplies the tensor
-    by a Sigmoid gate computed from the tensor itself), or None."""
+def _gate(readers: list[gs.Node]) -> gs.Node | None:
+    """The Mul among the readers of a tensor that multiplies it by a Sigmoid-like gate computed from
+    it (a squeeze-excitation block, or a SiLU / Hardswish), or None."""
     return next((n for n in readers if n.op == "Mul" and any(t.inputs and t.inputs[0].op in GATE_OPS for t in n.inputs)), None)
+
+
+def _gated_by(gate: gs.Node, tensor: gs.Tensor) -> str:
+    """What multiplies ``tensor`` by a gate: an activation when the gate reads the tensor itself
+    (x * sigmoid(x) is SiLU, x * hardsigmoid(x) Hardswish), else a squeeze-excitation block."""
+    sigmoid = next(t.inputs[0] for t in gate.inputs if t.inputs and t.inputs[0].op in GATE_OPS)
+    if sigmoid.inputs[0] is tensor:
+        return "a SiLU" if sigmoid.op == "Sigmoid" else "a Hardswish"
+    return "a squeeze-excitation block"
 
 
 def _follow(first: gs.Node, graph_outputs: set[str], fed: set[str]) -> LayerPair | SkippedPair:
@@ -189,11 +198,11 @@ def _follow(first: gs.Node, graph_outputs: set[str], fed: set[str]) -> LayerPair
         if not readers:
             return SkippedPair(label, None, problem or f"nothing reads {tensor.name}")
         if len(readers) > 1:
-            gate = _se_gate(readers)
+            gate = _gate(readers)
             if gate is None:
                 names = ", ".join(node_label(n) for n in readers)
                 return SkippedPair(label, None, problem or f"{tensor.name} is read by {len(readers)} nodes ({names})")
-            problem = problem or (f"a squeeze-excitation block between them ({node_label(gate)} multiplies by a gate "
+            problem = problem or (f"{_gated_by(gate, tensor)} between them ({node_label(gate)} multiplies by a gate "
                                   "computed from the input: not positively homogeneous)")
             tensor = gate.outputs[0]
             continue
