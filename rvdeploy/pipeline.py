@@ -37,7 +37,7 @@ from rvdeploy.model import DEFAULT_BN_EPS
 from rvdeploy.precision.fp16 import Fp16Report
 from rvdeploy.precision.quantize import Fp16Options, Int8Options, Int8Report, quantize_fp16, quantize_int8_file
 from rvdeploy.preprocess import Preprocess
-from rvdeploy.reparam import FoldReport, fuse
+from rvdeploy.reparam import PROBE_SIZE, FoldReport, fuse
 from rvdeploy.report import plot_latency
 from rvdeploy.runners import open_runner
 from rvdeploy.verify import VerifyReport, verify
@@ -46,7 +46,7 @@ from rvdeploy.weights import DeployWeights, TrainWeights
 __all__ = [
     "BenchOptions", "BenchSettings", "BuildOptions", "BuildSettings", "EvalOptions", "ExportOptions", "Fp16Options", "Fp16Report",
     "GraphFoldOptions", "GraphFoldReport", "Int8Report",
-    "Int8Options", "LoadOptions", "bench", "build", "describe_checkpoint", "evaluate_models", "export_model",
+    "Int8Options", "LoadOptions", "PROBE_SIZE", "bench", "build", "describe_checkpoint", "evaluate_models", "export_model",
     "fuse_checkpoint", "fuse_graph", "quantize_model", "verify_model",
 ]
 
@@ -76,7 +76,7 @@ class FuseResult:
 
 
 def fuse_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, load: LoadOptions = LoadOptions(),
-                    probe_size: int = 64) -> FuseResult:
+                    probe_size: int = PROBE_SIZE) -> FuseResult:
     """Fold a training checkpoint, prove the fold block by block, write the fused checkpoint."""
     start = time.perf_counter()
     train = load_train_weights(checkpoint, load.arch, load.num_classes, load.key, load.bn_eps, load.prefix)

@@ -41,11 +41,16 @@ def probe_feeds(model: onnx.ModelProto, batch: int = 2, size: int = 64, seed: in
 WINDOW_FIELDS = 2
 
 
+def full_window(kernel: int, stride: int = 1, dilation: int = 1) -> int:
+    """The window along one axis that fixes a conv: :data:`WINDOW_FIELDS` receptive fields plus strides."""
+    return WINDOW_FIELDS * ((kernel - 1) * dilation + 1 + stride)
+
+
 def window_size(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> int:
     """How much of an axis of ``size`` a proof of a conv (``kernel``, ``stride``, ``dilation``) needs:
-    :data:`WINDOW_FIELDS` receptive fields plus strides, congruent to ``size`` modulo the stride (SAME
-    pads depend on it); all of it when it is smaller."""
-    wanted = WINDOW_FIELDS * ((kernel - 1) * dilation + 1 + stride)
+    :func:`full_window`, congruent to ``size`` modulo the stride (SAME pads depend on it); all of it
+    when it is smaller."""
+    wanted = full_window(kernel, stride, dilation)
     return size if wanted >= size else wanted + (size - wanted) % stride
 
 

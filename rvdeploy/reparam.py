@@ -20,7 +20,11 @@ from rvdeploy.arch import BlockSpec
 from rvdeploy.compare import EXTRA_TERMS, SAFETY, U64, compare_outputs, json_safe, relative_error
 from rvdeploy.errors import FoldError
 from rvdeploy.model import RepVGGBlock, SqueezeExcite, build_model
-from rvdeploy.probes import one_thread, window_size
+from rvdeploy.probes import full_window, one_thread, window_size
+
+# The probe batch's height and width: each block is checked on a window of its captured input, so the
+# probe need only be large enough that deep stages see realistic activations (B3's last at 1x1).
+PROBE_SIZE = 32
 from rvdeploy.weights import DeployWeights, TrainWeights
 
 def _bn_scale(bn: dict[str, torch.Tensor], eps: float, name: str) -> torch.Tensor:
@@ -206,10 +210,13 @@ def _block_probes(x: torch.Tensor, seed: int, stride: int) -> list[torch.Tensor]
     """The corner of the block's real input that fixes its 3x3 conv (:func:`rvdeploy.probes.window_size`),
     when finite, and a seeded Gaussian one of its scale, so a block whose real input is dead or
     overflows is tested all the same."""
-    x = x[..., :window_size(x.shape[-2], 3, stride), :window_size(x.shape[-1], 3, stride)]
+    x = x[:1, :, :window_size(x.shape[-2], 3, stride), :window_size(x.shape[-1], 3, stride)]  # one image's corner
     finite = bool(torch.isfinite(x).all())
-    scale = x.std().item() if finite else math.nan
-    gaussian = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    scale = x.std().item() if finite and x.numel() > 1 else math.nan
+    # The Gaussian probe is a whole window even where the real input is smaller (a deep stage of a small
+    # probe), so every tap of the kernel, at every border and stride phase, is tested.
+    side = full_window(3, stride)
+    gaussian = torch.randn((1, x.shape[1], side, side), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return ([x] if finite else []) + [gaussian * (scale if 0 < scale < math.inf else 1.0)]
 
 
@@ -217,7 +224,7 @@ def check_fold(
     weights: TrainWeights,
     folded64: dict[str, torch.Tensor],
     folded32: dict[str, torch.Tensor],
-    probe_size: int = 64,
+    probe_size: int = PROBE_SIZE,
     batch: int = 2,
     seed: int = 0,
 ) -> FoldReport:
@@ -263,7 +270,7 @@ def check_fold(
     )
 
 
-def fuse(weights: TrainWeights, probe_size: int = 64, probe_batch: int = 2) -> tuple[DeployWeights, FoldReport]:
+def fuse(weights: TrainWeights, probe_size: int = PROBE_SIZE, probe_batch: int = 2) -> tuple[DeployWeights, FoldReport]:
     """Fold ``weights`` and prove it; raise :class:`FoldError` when the proof fails."""
     folded64 = fold(weights)
     folded32 = {k: v.float() for k, v in folded64.items()}

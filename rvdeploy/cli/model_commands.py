@@ -30,8 +30,9 @@ FOLD_COUNTED_OPS = ("Conv", "Add", "BatchNormalization")
 @click.option("--key", help="Entry of a wrapped checkpoint that holds the weights (default: state_dict, model, ema...).")
 @prefix_option
 @bn_eps_option
-@click.option("--probe-size", type=click.IntRange(min=8), default=64, show_default=True,
-              help="Height and width of the self-check's probe images (for an ONNX input: where its size is dynamic).")
+@click.option("--probe-size", type=click.IntRange(min=8),
+              help="Height and width of the self-check's probe images [default: 32 for a checkpoint; for an ONNX "
+                   "input 64, where its size is dynamic].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def fuse(ctx: click.Context, checkpoint: Path, output: Path, arch, num_classes, key, prefix, bn_eps, probe_size, as_json) -> None:
@@ -50,7 +51,7 @@ def fuse(ctx: click.Context, checkpoint: Path, output: Path, arch, num_classes, 
         _fuse_graph(checkpoint, output, probe_size, as_json)
         return
     load = pipeline.LoadOptions(arch, num_classes, key, bn_eps, prefix)
-    result = pipeline.fuse_checkpoint(checkpoint, output, load, probe_size)
+    result = pipeline.fuse_checkpoint(checkpoint, output, load, probe_size or pipeline.PROBE_SIZE)
     spec, report = result.train.spec, result.report
     if as_json:
         print_json({
@@ -90,10 +91,11 @@ def _classes(num_classes: int | None) -> str:
     return "no classifier (headless backbone)" if num_classes is None else f"{num_classes} classes"
 
 
-def _fuse_graph(model: Path, output: Path, probe_size: int, as_json: bool) -> None:
+def _fuse_graph(model: Path, output: Path, probe_size: int | None, as_json: bool) -> None:
     """``fuse MODEL.onnx``: the graph-level fold and its summary."""
     from rvdeploy import pipeline
-    report = pipeline.fuse_graph(model, output, pipeline.GraphFoldOptions(probe_size=probe_size))
+    options = pipeline.GraphFoldOptions(probe_size=probe_size) if probe_size else pipeline.GraphFoldOptions()
+    report = pipeline.fuse_graph(model, output, options)
     if as_json:
         print_json({"input": str(model), "output": str(output), **report.to_dict()})
         return
