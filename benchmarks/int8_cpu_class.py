@@ -94,7 +94,8 @@ def repvgg_a0(folder: Path, batch: int, seconds: float | None) -> list[dict]:
     (folder / "crops").mkdir(exist_ok=True)
     write_crops(folder / "crops", 128)
     calib, held = folder / "calib", folder / "held"
-    for sub, names in ((calib, range(0, 128, 2)), (held, range(1, 128, 2))):
+    # write_crops alternates the two photographs: both sets take crops of both.
+    for sub, names in ((calib, [i for i in range(128) if i % 4 < 2]), (held, [i for i in range(128) if i % 4 >= 2])):
         sub.mkdir(exist_ok=True)
         for i in names:
             os.replace(folder / "crops" / f"{i:04d}.jpg", sub / f"{i:04d}.jpg")
