@@ -70,6 +70,12 @@ _TYPED_BY_ATTRIBUTE = {"Constant", "ConstantOfShape", "EyeLike", "RandomNormal",
                        "RandomUniformLike", "Multinomial"}
 
 
+def fp16_nodes(model: onnx.ModelProto) -> int:
+    """How many nodes of a converted graph compute in FP16 (write an FP16 tensor), its Casts aside."""
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
+    return sum(n.op_type != "Cast" and any(types.get(o) == onnx.TensorProto.FLOAT16 for o in n.output) for n in model.graph.node)
+
+
 def _opset(model: onnx.ModelProto, domain: str) -> int:
     return next((o.version for o in model.opset_import if o.domain in ((domain,) if domain else ("", "ai.onnx"))), 1)
 
@@ -143,9 +149,8 @@ def convert_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset(), io_f
                 if node.op == "Cast":
                     node.attrs["to"] = onnx.TensorProto.FLOAT16
     for tensor in graph.outputs:
-        if dtypes.get(tensor.name) == np.float16 and io_dtype == np.float32 or (
-                io_dtype == np.float16 and dtypes.get(tensor.name) == np.float32):
-            produced = dtypes[tensor.name]
+        produced = dtypes.get(tensor.name)
+        if produced in (np.float16, np.float32) and produced != io_dtype:  # a float output in the other precision
             inner = gs.Variable(f"{tensor.name}_{'fp16' if produced == np.float16 else 'fp32'}", dtype=produced)
             tensor.inputs[0].outputs[tensor.inputs[0].outputs.index(tensor)] = inner
             graph.nodes.append(gs.Node("Cast", name=f"{tensor.name}/Cast_out", attrs={"to": io_dtype}, inputs=[inner], outputs=[tensor]))

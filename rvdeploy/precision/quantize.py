@@ -29,7 +29,7 @@ from rvdeploy.precision.choices import DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, METH
 from rvdeploy.precision.calib import QUANTIZED_OPS, Calibration, activation_peaks, calibrate, model_feeds
 from rvdeploy.precision.cpu_format import CpuFormat, plan_cpu_format
 from rvdeploy.precision.equalize import EqualizeReport, equalize_graph
-from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, plan_fp32_nodes
+from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, fp16_nodes, plan_fp32_nodes
 from rvdeploy.precision.guard import GuardReport, Top1Scorer, check_min_sqnr, fall_back_until_met
 from rvdeploy.precision.int8 import encode_weights, quantizable_nodes, quantize_int8
 from rvdeploy.precision.layer_report import LayerRow, layer_rows, plot_layers
@@ -169,7 +169,7 @@ def quantize_fp16(model_path: str | os.PathLike, out_path: str | os.PathLike,
         for t in node.inputs if isinstance(t, gs.Constant) and t.values.dtype == np.float32
     )
     converted = convert_fp16(model, kept_names, options.io_fp16)
-    report = Fp16Report(len(graph.nodes) - len(kept), kept, flushed, observed, observed_on)
+    report = Fp16Report(fp16_nodes(converted), kept, flushed, observed, observed_on)
     _write(converted, model, out_path, {
         "precision": "fp16",
         "io_precision": "fp16" if options.io_fp16 else "fp32",
