@@ -4,8 +4,8 @@ The fold is done in float64 and cast to float32 once. Every fuse proves itself b
 each folded conv (with its SE and ReLU) runs against that block's own branches, in float64, on the
 corner of the block's real input that fixes its conv (a few receptive fields wide) and on a
 Gaussian probe of the same scale, and must agree within a rounding bound that depends on that
-block alone. A whole deep net can be chaotic on a probe (its float32
-and float64 outputs differ by O(1)), so the end-to-end difference is reported, never judged.
+block alone. A whole deep net can be chaotic on a probe (its float32 and float64 outputs differ by
+O(1)), so the end-to-end difference is reported, never judged.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from rvdeploy.compare import EXTRA_TERMS, SAFETY, U64, compare_outputs, json_saf
 from rvdeploy.errors import FoldError
 from rvdeploy.model import RepVGGBlock, SqueezeExcite, build_model
 from rvdeploy.probes import full_window, one_thread, window_size
+from rvdeploy.weights import DeployWeights, TrainWeights
 
 # The probe batch's height and width: each block is checked on a window of its captured input, so the
 # probe need only be large enough that deep stages see realistic activations (B3's last at 1x1).
 PROBE_SIZE = 32
-from rvdeploy.weights import DeployWeights, TrainWeights
+
 
 def _bn_scale(bn: dict[str, torch.Tensor], eps: float, name: str) -> torch.Tensor:
     var_eps = bn["running_var"].double() + eps
