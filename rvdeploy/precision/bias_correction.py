@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from rvdeploy.compare import json_safe
 from rvdeploy.errors import QuantizeError
-from rvdeploy.graph_edit import export_like
 from rvdeploy.onnx_io import ort_session, run_session
 from rvdeploy.precision.int8 import quantizable_nodes
 
@@ -70,24 +70,36 @@ def output_ranks(model: onnx.ModelProto, layers: list[str]) -> dict[str, int]:
 def _channel_mean_graph(model: onnx.ModelProto, ranks: dict[str, int]) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` up to the layers of ``ranks``, whose outputs are the per-output-channel means (over
     the batch and every spatial position) of those layers' outputs: a few numbers per layer leave the
-    session, not its feature maps, and nothing after the layers runs."""
-    graph = gs.import_onnx(model)
-    nodes = {node.name: node for node in graph.nodes}
-    means = []
+    session, not its feature maps, and nothing after the layers runs. Built on the protobuf directly
+    (one walk back from the layers), since it is built once per corrected layer."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    layers = {node.name: node for node in model.graph.node if node.name in ranks}
+    needed, pending = set(), list(layers.values())
+    while pending:
+        node = pending.pop()
+        if id(node) not in needed:
+            needed.add(id(node))
+            pending += [producers[name] for name in node.input if name in producers]
+    nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute)
+    kept = [n for n in model.graph.node if nested or id(n) in needed]  # a subgraph may read any outer tensor: keep all
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    reduces, axes_inits, means = [], [], []
     for name, rank in ranks.items():
-        output = nodes[name].outputs[0]
-        axes = [0, *range(2, rank)]
-        mean = gs.Variable(f"{output.name}/channel_mean", dtype=np.float32)
-        if graph.opset >= 18:  # ReduceMean's axes became an input in opset 18
-            reduce = gs.Node("ReduceMean", inputs=[output, gs.Constant(f"{mean.name}/axes", np.array(axes, np.int64))],
-                             outputs=[mean], attrs={"keepdims": 0})
+        output = layers[name].output[0]
+        axes, mean = [0, *range(2, rank)], f"{output}/channel_mean"
+        if opset >= 18:  # ReduceMean's axes became an input in opset 18
+            axes_inits.append(numpy_helper.from_array(np.array(axes, np.int64), f"{mean}/axes"))
+            reduces.append(onnx.helper.make_node("ReduceMean", [output, axes_inits[-1].name], [mean], keepdims=0))
         else:
-            reduce = gs.Node("ReduceMean", inputs=[output], outputs=[mean], attrs={"axes": axes, "keepdims": 0})
-        graph.nodes.append(reduce)
+            reduces.append(onnx.helper.make_node("ReduceMean", [output], [mean], axes=axes, keepdims=0))
         means.append(mean)
-    graph.outputs = means
-    graph.cleanup()
-    return export_like(graph, model), [mean.name for mean in means]
+    used = {name for node in kept for name in node.input}
+    graph = onnx.helper.make_graph(
+        [*kept, *reduces], model.graph.name, model.graph.input, [onnx.ValueInfoProto(name=m) for m in means],
+        [init for init in model.graph.initializer if init.name in used] + axes_inits)
+    measured = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    measured.functions.extend(model.functions)
+    return measured, means
 
 
 def channel_means(model: onnx.ModelProto, ranks: dict[str, int], feeds: list[dict], what: str) -> dict[str, np.ndarray]:
@@ -161,18 +173,47 @@ class BiasCorrector:
         order, and what changed. A layer whose bias cannot be changed (:func:`_correct_layer`) is left alone."""
         graph = gs.import_onnx(quantized)
         nodes = {node.name: node for node in graph.nodes}
-        corrected, current, corrections, upstream = quantized, True, [], ()
+        corrected = _BiasWriter(quantized)  # the protobuf, kept in step with the graph's corrected biases
+        corrections, upstream = [], ()
         for name in self.layers:
             upstream += (precisions.get(name),)
             if upstream[-1] != "int8":
                 continue
             key = (name, upstream)
             if key not in self._shifts:
-                if not current:
-                    corrected, current = export_like(graph, quantized), True
-                self._shifts[key] = channel_means(corrected, {name: self.ranks[name]}, self.feeds, self.what)[name] - self.reference[name]
+                means = channel_means(corrected.model, {name: self.ranks[name]}, self.feeds, self.what)
+                self._shifts[key] = means[name] - self.reference[name]
             correction = _correct_layer(nodes[name], self._shifts[key], self.target)
             if correction is not None:
                 corrections.append(correction)
-                current = False
-        return (corrected if current else export_like(graph, quantized)), corrections
+                corrected.write(nodes[name])
+        return (corrected.model if corrections else quantized), corrections
+
+
+class _BiasWriter:
+    """A copy of a graph's protobuf into which corrected biases are written one layer at a time: the
+    next layer is measured on it without exporting the whole graph again."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        self.by_output = {node.output[0]: node for node in self.model.graph.node if node.output}
+        self.initializers = {init.name: init for init in self.model.graph.initializer}
+
+    def write(self, layer: gs.Node) -> None:
+        """``layer``'s bias as :func:`_correct_layer` left it: its float bias (input 2), or the int32
+        constant its bias's DequantizeLinear reads."""
+        bias = layer.inputs[2]
+        dequantize = bias.inputs[0] if bias.inputs and bias.inputs[0].op == "DequantizeLinear" else None
+        node, index = (dequantize, 0) if dequantize is not None else (layer, 2)
+        constant = node.inputs[index]
+        target = self.by_output[node.outputs[0].name]
+        while len(target.input) <= index:
+            target.input.append("")
+        target.input[index] = constant.name
+        tensor = numpy_helper.from_array(np.asarray(constant.values), constant.name)
+        if constant.name in self.initializers:
+            self.initializers[constant.name].CopyFrom(tensor)
+        else:
+            self.model.graph.initializer.append(tensor)
+            self.initializers[constant.name] = self.model.graph.initializer[-1]
