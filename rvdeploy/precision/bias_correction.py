@@ -93,7 +93,7 @@ def _channel_mean_graph(model: onnx.ModelProto, ranks: dict[str, int]) -> tuple[
         else:
             reduces.append(onnx.helper.make_node("ReduceMean", [output], [mean], axes=axes, keepdims=0))
         means.append(mean)
-    used = {name for node in kept for name in node.input}
+    used = {name for node in kept for name in node.input} | {value.name for value in model.graph.input}  # old IRs list weights as inputs
     graph = onnx.helper.make_graph(
         [*kept, *reduces], model.graph.name, model.graph.input, [onnx.ValueInfoProto(name=m) for m in means],
         [init for init in model.graph.initializer if init.name in used] + axes_inits)
