@@ -177,10 +177,10 @@ def proof_rows(folder: Path) -> list[dict]:
     _, unfolded = export_unfolded("mobileone_s0", 224, folder)
     original = onnx.load(unfolded)
     folded, _, folds = fold_model(original)
-    rows, windowed = [], graph_proof.window_size
+    rows, windowed = [], graph_proof.window
     for corruption, model in _corruptions(folded).items():
         for mode in ("window", "whole activations"):
-            graph_proof.window_size = windowed if mode == "window" else (lambda size, *_: size)
+            graph_proof.window = windowed if mode == "window" else (lambda x, conv: x)
             start = time.perf_counter()
             result = prove(original, model, folds)
             rows.append({"job": f"proof, mobileone_s0 224 px: {corruption}", "machine": mode,
@@ -196,11 +196,11 @@ def main() -> None:
     parser.add_argument("--busy", action="store_true", help="also time the routes with one core busy")
     parser.add_argument("--proof-only", action="store_true", help="only the proof rows (part 3)")
     args = parser.parse_args()
-    windowed = graph_proof.window_size
+    windowed = graph_proof.window
     with tempfile.TemporaryDirectory() as tmp:
         rows = [] if args.proof_only else route_rows(Path(tmp), args.repeat, args.busy) + [large_row(Path(tmp))]
         rows += proof_rows(Path(tmp))
-    graph_proof.window_size = windowed
+    graph_proof.window = windowed
     columns = [("job", "job"), ("machine", "machine / proof"), ("size_mb", "ONNX MB"), ("rvdeploy_s", "rvdeploy s"),
                ("timm_s", "timm route s"), ("ratio", "rvdeploy / timm"), ("peak_rss_mb", "peak RSS MB"),
                ("rss_vs_file", "RSS / file"), ("worst_ratio", "worst error / budget"), ("verdict", "proof"), ("goal", "goal")]

@@ -1,5 +1,6 @@
-"""onnx-graphsurgeon helpers every stage that edits a graph shares: naming a node for a message,
-finding a tensor's producer, and exporting an edited graph with its model's own fields."""
+"""Helpers every stage that edits a graph shares: naming a node for a message, finding a tensor's
+producer, exporting an edited graph with its model's own fields (onnx-graphsurgeon), and the nodes a
+part of a graph needs (on the protobuf, for probes built many times)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,22 @@ def node_label(node: gs.Node) -> str:
     if node.name:
         return node.name
     return f"{node.op} writing {node.outputs[0].name}" if node.outputs else node.op
+
+
+def upstream_nodes(model: onnx.ModelProto, ends: list[onnx.NodeProto],
+                   stop_at: onnx.NodeProto | None = None) -> list[onnx.NodeProto]:
+    """``ends`` and every node they read from, in graph order: one walk back through the producers,
+    not past ``stop_at`` (kept itself)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    needed, pending = set(), list(ends)
+    while pending:
+        node = pending.pop()
+        if id(node) in needed:
+            continue
+        needed.add(id(node))
+        if node is not stop_at:
+            pending += [producers[name] for name in node.input if name in producers]
+    return [node for node in model.graph.node if id(node) in needed]
 
 
 def producer(tensor: gs.Tensor, op: str | None = None) -> gs.Node | None:

@@ -54,6 +54,14 @@ def window_size(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> i
     return size if wanted >= size else wanted + (size - wanted) % stride
 
 
+def corner(x, kernels, strides, dilations=None):
+    """The corner of ``x`` (N, C, spatial...: a numpy array or a torch tensor) that fixes a conv with
+    these per-axis ``kernels``, ``strides`` and ``dilations`` (:func:`window_size` along each axis)."""
+    dilations = dilations or [1] * len(kernels)
+    sizes = [window_size(*axis) for axis in zip(x.shape[2:], kernels, strides, dilations)]
+    return x[(slice(None), slice(None), *(slice(0, n) for n in sizes))]
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """torch on one thread: a proof's small checks gain nothing from more, and on a busy machine

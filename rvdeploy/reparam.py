@@ -20,7 +20,7 @@ from rvdeploy.arch import BlockSpec
 from rvdeploy.compare import EXTRA_TERMS, SAFETY, U64, compare_outputs, json_safe, relative_error
 from rvdeploy.errors import FoldError
 from rvdeploy.model import RepVGGBlock, SqueezeExcite, build_model
-from rvdeploy.probes import full_window, one_thread, window_size
+from rvdeploy.probes import corner, full_window, one_thread
 from rvdeploy.weights import DeployWeights, TrainWeights
 
 # The probe batch's height and width: each block is checked on a window of its captured input, so the
@@ -211,7 +211,7 @@ def _block_probes(x: torch.Tensor, seed: int, stride: int) -> list[torch.Tensor]
     """The corner of the block's real input that fixes its 3x3 conv (:func:`rvdeploy.probes.window_size`),
     when finite, and a seeded Gaussian one of its scale, so a block whose real input is dead or
     overflows is tested all the same."""
-    x = x[:1, :, :window_size(x.shape[-2], 3, stride), :window_size(x.shape[-1], 3, stride)]  # one image's corner
+    x = corner(x[:1], (3, 3), (stride, stride))  # one image's corner
     finite = bool(torch.isfinite(x).all())
     scale = x.std().item() if finite and x.numel() > 1 else math.nan
     # The Gaussian probe is a whole window even where the real input is smaller (a deep stage of a small

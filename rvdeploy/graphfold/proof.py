@@ -30,7 +30,7 @@ from rvdeploy.graphfold.reference import Expr, GemmRef, Input
 from rvdeploy.graphfold.results import GraphFoldOptions, GraphFoldProof, GroupCheck
 from rvdeploy.graphfold.state import Folded
 from rvdeploy.onnx_io import run_with_values
-from rvdeploy.probes import one_thread, probe_feeds, window_size
+from rvdeploy.probes import corner, one_thread, probe_feeds
 
 
 def _candidate(node: gs.Node) -> tuple[Expr, int, ConvNode | None]:
@@ -46,8 +46,7 @@ def window(x: np.ndarray, conv: ConvNode | None) -> np.ndarray:
     """The corner of ``x`` (N, C, spatial...) that fixes ``conv``'s response; all of ``x`` for a Gemm."""
     if conv is None or x.ndim != conv.weight.ndim:
         return x
-    sizes = [window_size(*axis) for axis in zip(x.shape[2:], conv.weight.shape[2:], conv.strides, conv.dilations)]
-    return x[(slice(None), slice(None), *(slice(0, n) for n in sizes))]
+    return corner(x, conv.weight.shape[2:], conv.strides, conv.dilations)
 
 
 def _channel_max(values: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from onnx import numpy_helper
 
 from rvdeploy.compare import json_safe
 from rvdeploy.errors import QuantizeError
+from rvdeploy.graph_edit import upstream_nodes
 from rvdeploy.onnx_io import ort_session, run_session
 from rvdeploy.precision.int8 import quantizable_nodes
 
@@ -72,16 +73,10 @@ def _channel_mean_graph(model: onnx.ModelProto, ranks: dict[str, int]) -> tuple[
     the batch and every spatial position) of those layers' outputs: a few numbers per layer leave the
     session, not its feature maps, and nothing after the layers runs. Built on the protobuf directly
     (one walk back from the layers), since it is built once per corrected layer."""
-    producers = {out: node for node in model.graph.node for out in node.output}
     layers = {node.name: node for node in model.graph.node if node.name in ranks}
-    needed, pending = set(), list(layers.values())
-    while pending:
-        node = pending.pop()
-        if id(node) not in needed:
-            needed.add(id(node))
-            pending += [producers[name] for name in node.input if name in producers]
     nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute)
-    kept = [n for n in model.graph.node if nested or id(n) in needed]  # a subgraph may read any outer tensor: keep all
+    # A subgraph may read any outer tensor: then every node is kept.
+    kept = list(model.graph.node) if nested else upstream_nodes(model, list(layers.values()))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     reduces, axes_inits, means = [], [], []
     for name, rank in ranks.items():

@@ -24,8 +24,9 @@ from onnx import numpy_helper
 
 from rvdeploy.compare import Comparison, compare_outputs, worst
 from rvdeploy.errors import QuantizeError, first_line
+from rvdeploy.graph_edit import upstream_nodes
 from rvdeploy.onnx_io import ort_session, run_session, run_with_values
-from rvdeploy.probes import probe_feeds, window_size
+from rvdeploy.probes import corner, probe_feeds
 
 
 def _as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -48,34 +49,20 @@ def _as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _chain(model: onnx.ModelProto, first: onnx.NodeProto, second: onnx.NodeProto) -> onnx.ModelProto:
     """The subgraph from ``first``'s input to ``second``'s output: the layers and the ops between."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    constants = {init.name for init in model.graph.initializer}
-    nodes, pending, seen = [], [second], set()
-    while pending:  # backwards from the second layer to the first one's input
-        node = pending.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        nodes.append(node)
-        if node is first:
-            continue
-        pending += [producers[name] for name in node.input if name and name in producers]
-    order = {id(node): index for index, node in enumerate(model.graph.node)}
-    nodes.sort(key=lambda node: order[id(node)])
+    nodes = upstream_nodes(model, [second], stop_at=first)
     used = {name for node in nodes for name in node.input}
     graph = onnx.helper.make_graph(
         nodes, "pair", [onnx.helper.make_tensor_value_info(first.input[0], onnx.TensorProto.FLOAT, None)],
         [onnx.helper.make_tensor_value_info(second.output[0], onnx.TensorProto.FLOAT, None)],
-        [init for init in model.graph.initializer if init.name in used and init.name in constants])
+        [init for init in model.graph.initializer if init.name in used])
     return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def _window(x: np.ndarray, first: onnx.NodeProto) -> np.ndarray:
+    """The corner of the first layer's input that fixes it (3x3 where its kernel_shape is not given)."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
-    kernel = attrs.get("kernel_shape", [3] * (x.ndim - 2))
-    strides = attrs.get("strides", [1] * (x.ndim - 2))
-    sizes = [window_size(size, k, s) for size, k, s in zip(x.shape[2:], kernel, strides)]
-    return x[(slice(None), slice(None), *(slice(0, n) for n in sizes))]
+    spatial = x.ndim - 2
+    return corner(x, attrs.get("kernel_shape", [3] * spatial), attrs.get("strides", [1] * spatial), attrs.get("dilations"))
 
 
 @dataclass(frozen=True)
