@@ -79,6 +79,8 @@ def digits_rows(folder: Path) -> list[dict]:
     held = labelled_folder(HELDOUT, recipe)
     calib = image_folder(CALIB, recipe)
     np.save(folder / "calib.npy", np.concatenate([pixels for pixels, _ in batches(calib, recipe, 256)]))
+    np.save(folder / "heldout.npy", np.concatenate([pixels for pixels, _ in batches(held, recipe, 64)]))
+    labels = np.asarray([held.labels[i] for _, indices in batches(held, recipe, 64) for i in indices])
     fp32_top1, reference, _ = scored(fp32, held, None)
     rows, baseline = [], {}
     for variant, imbalance in VARIANTS.items():
@@ -105,6 +107,7 @@ def digits_rows(folder: Path) -> list[dict]:
         if imbalance:
             rows += guard_rows(path, variant, folder, held, reference, fp32_top1)
     rows += modelopt_rows(folder, held, reference, fp32_top1, recipe)
+    rows += aimet_rows(folder, reference, labels, fp32_top1)
     return rows
 
 
@@ -115,7 +118,7 @@ def int8_row(path: Path, out: Path, options: Int8Options, held, reference: np.nd
     seconds = time.perf_counter() - start
     top1, _, sqnr = scored(out, held, reference)
     correction = report.bias_correction
-    return {"group": "rvdeploy", "cle": "yes" if options.equalize else "no", "target": options.target,
+    return {"group": "rvdeploy", "cle": "yes" if options.equalize else "no", "target": options.target, "rounding": options.rounding,
             "bias_correction": "no" if correction is None else ("yes" if correction.kept else "not kept"), "int8_top1": top1, "sqnr_db": sqnr,
             "top1_vs_fp32": top1 - fp32_top1, "calib_sqnr_db": report.output_sqnr_db, "seconds": seconds,
             "pairs": len(report.equalization.pairs) if report.equalization else None,
@@ -151,6 +154,26 @@ def modelopt_rows(folder: Path, held, reference: np.ndarray, fp32_top1: float, r
         top1, _, sqnr = scored(path, held, reference, recipe)
         rows.append({"group": "modelopt", "variant": path.stem, "cle": "n/a", "target": "modelopt (TensorRT Q/DQ)",
                      "int8_top1": top1, "sqnr_db": sqnr, "top1_vs_fp32": top1 - fp32_top1})
+    return rows
+
+
+def aimet_rows(folder: Path, reference: np.ndarray, labels: np.ndarray, fp32_top1: float) -> list[dict]:
+    """Qualcomm AIMET's simulated INT8 graphs of the same FP32 graphs (benchmarks/aimet_ptq.py): their
+    logits on the held-out split, scored here against the same FP32 logits; or the rows of
+    benchmarks/results/int8_aimet.json."""
+    logits = sorted((folder / "aimet").glob("*.npy"))
+    if not logits:
+        saved = RESULTS / "int8_aimet.json"
+        return [{**row, "group": "aimet"} for row in json.loads(saved.read_text())["results"]] if saved.exists() else []
+    seconds = json.loads((folder / "aimet" / "aimet.json").read_text())["seconds"]
+    rows = []
+    for path in logits:
+        values = np.load(path)
+        top1 = float((values.argmax(axis=1) == labels).mean() * 100)
+        rows.append({"group": "aimet", "variant": path.stem, "cle": "yes" if "_cle" in path.stem else "no",
+                     "target": "AIMET sim (TensorRT-like int8)", "rounding": "AdaRound" if "adaround" in path.stem else
+                     ("SeqMSE" if "seqmse" in path.stem else "nearest"), "int8_top1": top1, "sqnr_db": sqnr_db(values, reference),
+                     "top1_vs_fp32": top1 - fp32_top1, "seconds": seconds.get(path.stem)})
     return rows
 
 
@@ -214,11 +237,11 @@ def main() -> None:
         f"{r['int8_top1'] - plain[r['target']]['int8_top1']:+.2f} pt, {r['sqnr_db'] - plain[r['target']]['sqnr_db']:+.2f} dB"
         for r in rows if r["group"] == "rvdeploy" and r["cle"] == "yes")
     columns = [("group", "group"), ("variant", "model"), ("cle", "CLE"), ("target", "INT8 layout"),
-               ("bias_correction", "bias corr."), ("guard", "guard"), ("out_of_int8", "layers out of INT8"),
+               ("bias_correction", "bias corr."), ("rounding", "rounding"), ("guard", "guard"), ("out_of_int8", "layers out of INT8"),
                ("fp32_top1", "FP32 top-1 %"), ("int8_top1", "INT8 top-1 %"), ("top1_vs_fp32", "Δ top-1 vs FP32"),
                ("sqnr_db", "logit SQNR dB"), ("top1_vs_unmodified", "Δ top-1 vs unmodified"),
                ("sqnr_vs_unmodified_db", "Δ SQNR vs unmodified dB"), ("goal_imbalanced", "goal: imbalanced ≈ unmodified"),
-               ("goal_vs_fp32", "goal: ≤ 0.5 pt of FP32"), ("goal_guard", "goal: ≤ 1 layer out"), ("p50_ms", "p50 ms"), ("throughput_ips", "img/s"),
+               ("goal_vs_fp32", "goal: ≤ 0.5 pt of FP32"), ("goal_guard", "goal: ≤ 1 layer out"), ("seconds", "quantize s"), ("p50_ms", "p50 ms"), ("throughput_ips", "img/s"),
                ("vs_fp32", "× FP32 (p50)")]
     notes = (f"CPU: {describe_machine()['cpu']} ({cpu_flags()}); goal for INT8 vs FP32 on ONNX Runtime: ≥ 3.0× with AVX-512 VNNI, "
              f"≥ 1.8× with AVX2 only; measured {timed['vs_fp32']:.2f}× ({timed['machine_load']}, 2 cores shared with other work). The two sessions were timed interleaved in blocks of 5 runs "

@@ -56,3 +56,22 @@ def export_like(graph: gs.Graph, model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             setattr(exported, fd.name, value)
     return exported
+
+
+def prefix_model(model: onnx.ModelProto, tensors: list[str], extra_nodes: list[onnx.NodeProto] = (),
+                 extra_initializers: list[onnx.TensorProto] = (), outputs: list[str] | None = None) -> onnx.ModelProto:
+    """``model`` cut to the nodes that ``tensors`` need (every node when a subgraph may read an outer
+    tensor), with ``extra_nodes`` after them; its outputs are ``outputs`` (default ``tensors``): a probe
+    that runs only the part of the graph it measures. Built on the protobuf directly, since probes are
+    built once per layer."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute)
+    kept = list(model.graph.node) if nested else upstream_nodes(model, [producers[t] for t in tensors if t in producers])
+    used = {name for node in [*kept, *extra_nodes] for name in node.input} | {value.name for value in model.graph.input}  # old IRs list weights as inputs
+    graph = onnx.helper.make_graph(
+        [*kept, *extra_nodes], model.graph.name, model.graph.input,
+        [onnx.ValueInfoProto(name=name) for name in (tensors if outputs is None else outputs)],
+        [init for init in model.graph.initializer if init.name in used] + list(extra_initializers))
+    cut = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    cut.functions.extend(model.functions)
+    return cut

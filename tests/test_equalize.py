@@ -287,7 +287,8 @@ def int8_variants(tmp_path_factory, digits_onnx):
                     out = work / f"{net}_{variant}_{equalize}_{target}.onnx"
                     quantize_int8_file(path, out, Int8Options(CALIB, num_images=CALIB_IMAGES, allow_upscale=True, target=target,
                                                               cache_path=work / "calibration.json", equalize=False,
-                                                              bias_correction=False, min_sqnr=0, show_progress=False))
+                                                              bias_correction=False, rounding="nearest", min_sqnr=0,
+                                                              show_progress=False))
                     paths[net, variant, equalize, target] = out
         paths[net, "fp32"] = work / f"{net}_original_False.onnx"
     return paths

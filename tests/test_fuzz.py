@@ -653,7 +653,7 @@ def test_calibration_cache_with_a_damaged_entry(artifacts, tmp_path, damage):
     """Was: internal error TypeError: float() argument must be ... 'dict', or KeyError (a tensor without a
     range, --target onnxruntime), inside onnxruntime's quantizer."""
     cache = json.loads(artifacts["cache"].read_text())
-    (key, entry), = cache["entries"].items()
+    key, entry = next(iter(cache["entries"].items()))  # one of the graphs calibrated (equalized or not: both are read)
     first = next(iter(entry["data"].values()))
     if damage == "range-a-dict":
         first["lowest"]["data"] = [{}]

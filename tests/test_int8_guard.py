@@ -34,7 +34,9 @@ BLOCKS = ["stage0", "stage1.0", "stage1.1", "stage2.0", "stage2.1", "stage3.0", 
 
 
 def options(**kwargs) -> Int8Options:
-    return Int8Options(CALIB, num_images=IMAGES, show_progress=False, **kwargs)
+    """Rounded to nearest unless told otherwise: these tests pin what equalization, sensitivity, the
+    guards and bias correction do on their own (tests/test_rounding.py covers adaptive rounding, the default)."""
+    return Int8Options(CALIB, num_images=IMAGES, show_progress=False, **{"rounding": "nearest", **kwargs})
 
 
 def recipe_of(path) -> Preprocess:
@@ -125,7 +127,7 @@ def test_sensitivity_costs_one_quantize_static_call(work, digits_onnx, monkeypat
     calls = []
     original = ortq.quantize_static
     monkeypatch.setattr(ortq, "quantize_static", lambda *a, **k: calls.append(1) or original(*a, **k))
-    report = quantize_int8_file(digits_onnx, work / "one.onnx", options(report_path=work / "one.json"))
+    report = quantize_int8_file(digits_onnx, work / "one.onnx", options(equalize=True, report_path=work / "one.json"))
     assert len(calls) == 1
     assert all(row.sqnr_db is not None and 15 < row.sqnr_db < 80 for row in report.layers)
     assert report.output_sqnr_db < min(row.sqnr_db for row in report.layers)  # all layers together are noisier
@@ -135,6 +137,9 @@ def test_sensitivity_costs_one_quantize_static_call(work, digits_onnx, monkeypat
     quantized = onnx.load(work / "one.onnx")
     layer_sqnr(fp32, quantized, OutputProbe(fp32, images, recipe, digits_onnx), show_progress=False)
     assert len(calls) == 1
+    # Equalization kept where it measures better (the default): one call per graph measured, the chosen one's reused.
+    quantize_int8_file(digits_onnx, work / "two.onnx", options(report_path=work / "two.json"))
+    assert len(calls) == 3
 
 
 # -- the guards ------------------------------------------------------------------------------

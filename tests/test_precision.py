@@ -193,18 +193,18 @@ def test_int8_accuracy_on_the_heldout_split(fp32, int8_trt, int8_ort):
 
 def test_calibration_cache_hits_and_misses(work, fp32):
     cache = work / "calib-cache.json"
-    first = quantize_int8_file(fp32, work / "c1.onnx", Int8Options(CALIB, method="minmax", cache_path=cache, show_progress=False))
-    second = quantize_int8_file(fp32, work / "c2.onnx", Int8Options(CALIB, method="minmax", cache_path=cache, show_progress=False))
+    first = quantize_int8_file(fp32, work / "c1.onnx", Int8Options(CALIB, method="minmax", equalize=True, cache_path=cache, show_progress=False))
+    second = quantize_int8_file(fp32, work / "c2.onnx", Int8Options(CALIB, method="minmax", equalize=True, cache_path=cache, show_progress=False))
     assert (first.from_cache, second.from_cache) == (False, True)
     assert (work / "c1.onnx").read_bytes() == (work / "c2.onnx").read_bytes()
-    other = quantize_int8_file(fp32, work / "c3.onnx", Int8Options(CALIB, method="percentile", cache_path=cache, show_progress=False))
+    other = quantize_int8_file(fp32, work / "c3.onnx", Int8Options(CALIB, method="percentile", equalize=True, cache_path=cache, show_progress=False))
     assert not other.from_cache
-    fewer = quantize_int8_file(fp32, work / "c4.onnx", Int8Options(CALIB, method="minmax", num_images=64, cache_path=cache, show_progress=False))
+    fewer = quantize_int8_file(fp32, work / "c4.onnx", Int8Options(CALIB, method="minmax", num_images=64, equalize=True, cache_path=cache, show_progress=False))
     assert not fewer.from_cache and fewer.calibration_images == 64
     entries = json.loads(cache.read_text())["entries"]
     assert len(entries) == 3
     from rvdeploy.files import sha256_file
-    # Keyed by the graph calibrated: the equalized one (equalization is on by default), not the file given.
+    # Keyed by the graph calibrated: the equalized one (asked for), not the file given.
     assert len({key.split(":")[0] for key in entries}) == 1 and not any(key.startswith(sha256_file(fp32)) for key in entries)
     cache.write_text("{not json")
     with pytest.raises(CalibrationError, match="is not readable JSON"):

@@ -11,7 +11,7 @@ from rvdeploy.cli.options import backend_choice, bn_eps_option, recipe_from, rec
 from rvdeploy.cli.render import console, print_json
 from rvdeploy.errors import RvdeployError
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.choices import DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, METHODS, TARGETS
+from rvdeploy.precision.choices import DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING, METHODS, ROUNDINGS, TARGETS
 
 
 def precision_options(command):
@@ -24,10 +24,14 @@ def precision_options(command):
                      help="With --int8: calibration method (minmax was the best measured on the shipped model)."),
         click.option("--num-images", type=click.IntRange(min=1), help="Use the first N calibration images."),
         click.option("--calib-cache", type=click.Path(path_type=Path), help="With --int8: JSON cache of calibration ranges."),
-        click.option("--equalize/--no-equalize", default=True, show_default=True,
-                     help="With --int8: cross-layer equalization of the FP32 graph before calibration."),
+        click.option("--equalize/--no-equalize", default=None,
+                     help="With --int8: cross-layer equalization of the FP32 graph before calibration [default: "
+                          "measured: kept where the INT8 graph's output SQNR on the calibration images is the higher]."),
         click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
                      help="With --int8: correct each INT8 layer's bias by its mean output error on the calibration images."),
+        click.option("--rounding", type=click.Choice(ROUNDINGS), default=DEFAULT_ROUNDING, show_default=True,
+                     help="With --int8: INT8 weights chosen layer by layer to reproduce each layer's FP32 outputs on the "
+                          "calibration images (adaptive), or each rounded to nearest (faster, less accurate)."),
         click.option("--min-sqnr", type=float, help="With --int8: label-free floor: the output SQNR (dB) against FP32 on the "
                      f"calibration images must reach this; the most sensitive layers leave INT8 until it does "
                      f"[default: {DEFAULT_MIN_SQNR_DB:g}; 0 turns it off]."),
@@ -51,17 +55,19 @@ def precision_from(precision: str | None, target: str, kwargs: dict, show_progre
     recipe, allow_upscale = recipe_from(kwargs)
     images = dict(calib_dir=kwargs.pop("calib_dir"), num_images=kwargs.pop("num_images"), recipe=recipe,
                   allow_upscale=allow_upscale)
-    names = ("io_fp16", "method", "calib_cache", "equalize", "bias_correction", "min_sqnr", "val_dir", "max_top1_drop",
-             "report_path", "plot_path")
-    io_fp16, method, cache, equalize, bias_correction, min_sqnr, val_dir, max_drop, report, plot = (kwargs.pop(k) for k in names)
+    names = ("io_fp16", "method", "calib_cache", "equalize", "bias_correction", "rounding", "min_sqnr", "val_dir",
+             "max_top1_drop", "report_path", "plot_path")
+    io_fp16, method, cache, equalize, bias_correction, rounding, min_sqnr, val_dir, max_drop, report, plot = (
+        kwargs.pop(k) for k in names)
     if precision == "fp16":
-        given = [flag for flag, value in (("--min-sqnr", min_sqnr), ("--report", report), ("--plot", plot)) if value is not None]
+        given = [flag for flag, value in (("--min-sqnr", min_sqnr), ("--report", report), ("--plot", plot),
+                                          ("--rounding", None if rounding == DEFAULT_ROUNDING else rounding)) if value is not None]
         if given:
             raise RvdeployError(f"{given[0]} is for --int8: FP16 has no per-layer quantization to guard or report")
         return pipeline.Fp16Options(io_fp16=io_fp16, probe_size=probe_size, **images)
     if precision == "int8":
         return pipeline.Int8Options(target=target, cpu=cpu, method=method, cache_path=cache, equalize=equalize,
-                                    bias_correction=bias_correction, min_sqnr=DEFAULT_MIN_SQNR_DB if min_sqnr is None else min_sqnr,
+                                    bias_correction=bias_correction, rounding=rounding, min_sqnr=DEFAULT_MIN_SQNR_DB if min_sqnr is None else min_sqnr,
                                     val_dir=val_dir, max_top1_drop=max_drop, report_path=report, plot_path=plot,
                                     show_progress=show_progress, **images)
     return None
@@ -71,15 +77,30 @@ def _db(value: float) -> str:
     return "identical" if value == float("inf") else f"{value:.1f} dB"
 
 
-def _bias_correction_line(correction) -> str:
+def _bias_correction_line(correction, rounding) -> str:
     if correction is None:
         return "bias correction: off (--no-bias-correction)"
+    fitted = len(rounding.biases) if rounding and rounding.kept else 0
     if not correction.layers:
-        return "bias correction: no INT8 layer with a bias it can correct"
+        return (f"bias correction: none needed ({fitted} INT8 biases fitted by adaptive rounding)" if fitted
+                else "bias correction: no INT8 layer with a bias it can correct")
     measured = f"output SQNR {_db(correction.sqnr_before_db)} → {_db(correction.sqnr_after_db)} on the calibration images"
     if not correction.kept:
         return f"bias correction: not kept ({measured}: no better, or a guard limit broken)"
     return f"bias correction: {len(correction.layers)} INT8 layers corrected, {measured}"
+
+
+def _rounding_line(rounding) -> str:
+    if rounding is None:
+        return "rounding: to nearest (--rounding nearest)"
+    adaptive = [layer for layer in rounding.layers if layer.kept]
+    measured = f"output SQNR {_db(rounding.sqnr_before_db)} → {_db(rounding.sqnr_after_db)} on the calibration images"
+    if not rounding.kept:
+        return f"rounding: adaptive not kept ({measured}: no better); to nearest"
+    gains = sorted(((layer.adaptive_sqnr_db - layer.nearest_sqnr_db, layer.node) for layer in adaptive), reverse=True)
+    best = ", ".join(f"{node} +{gain:.1f} dB" for gain, node in gains[:SKIPPED_SHOWN])
+    return (f"rounding: adaptive in {len(adaptive)} of {len(rounding.layers)} INT8 layers (the rest to nearest: no better "
+            f"on held-out rows), {measured}; largest layer gains: {best}")
 
 
 def _cpu_format_line(cpu_format, int8_layers: int) -> str:
@@ -117,8 +138,14 @@ def _int8_summary(report) -> str:
         lines.append("equalization: nothing to equalize in this graph"
                      + (f" ({len(eq.skipped)} layers skipped: {eq.skipped[0].reason})" if eq.skipped else ""))
     else:
-        lines.append(f"equalization: {len(eq.pairs)} layer pairs equalized in {eq.sweeps} sweeps{_skipped(eq.skipped)}")
-    lines.append(_bias_correction_line(report.bias_correction))
+        line = f"equalization: {len(eq.pairs)} layer pairs equalized in {eq.sweeps} sweeps{_skipped(eq.skipped)}"
+        if eq.sqnr_equalized_db is not None:
+            measured = (f"output SQNR {_db(eq.sqnr_equalized_db)} equalized, {_db(eq.sqnr_plain_db)} without, weights "
+                        "rounded to nearest, on the calibration images")
+            line += f"; kept ({measured})" if eq.kept else f"; not kept ({measured}): the graph is quantized as it is"
+        lines.append(line)
+    lines.append(_rounding_line(report.rounding))
+    lines.append(_bias_correction_line(report.bias_correction, report.rounding))
     if report.cpu_format:
         lines.append(_cpu_format_line(report.cpu_format, report.quantized_nodes))
     out_of_int8 = [f"{len(nodes)} in {precision.upper()}: {', '.join(nodes)}"
@@ -142,15 +169,22 @@ def _number(value: float | None, digits: str = ".3g") -> str:
 
 
 def layer_table(report) -> Table:
-    """The per-layer report: block, spreads, input range, SQNR alone, precision; the node name maps TensorRT layers back."""
+    """The per-layer report: block, spreads, input range, SQNR alone, each rounding's layer SQNR (when
+    adaptive rounding ran), precision; the node name maps TensorRT layers back."""
     table = Table(title="INT8 per layer (SQNR alone: output SQNR with only that layer in INT8)")
-    for heading in ("block", "op", "weight spread before → after", "input range", "SQNR alone dB", "precision", "node"):
-        table.add_column(heading, justify="right" if heading in ("SQNR alone dB",) else "left", overflow="fold")
+    rounded = report.rounding is not None
+    headings = ["block", "op", "weight spread before → after", "input range", "SQNR alone dB"]
+    headings += ["layer SQNR dB nearest → adaptive"] if rounded else []
+    for heading in [*headings, "precision", "node"]:
+        table.add_column(heading, justify="right" if "dB" in heading else "left", overflow="fold")
     for row in report.layers:
         spread = f"{_number(row.weight_spread_before)} → {_number(row.weight_spread_after)}"
         span = "-" if row.input_min is None else f"{row.input_min:.3g} .. {row.input_max:.3g}"
         sqnr = "-" if row.sqnr_db is None else ("exact" if row.sqnr_db == float("inf") else f"{row.sqnr_db:.1f}")
-        table.add_row(row.block, row.op, spread, span, sqnr, row.precision, row.node)
+        cells = [row.block, row.op, spread, span, sqnr]
+        if rounded:
+            cells.append("-" if row.nearest_sqnr_db is None else f"{row.nearest_sqnr_db:.1f} → {row.adaptive_sqnr_db:.1f}")
+        table.add_row(*cells, row.precision, row.node)
     return table
 
 

@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from rvdeploy.compare import json_safe
 from rvdeploy.errors import QuantizeError
-from rvdeploy.graph_edit import upstream_nodes
+from rvdeploy.graph_edit import prefix_model
 from rvdeploy.onnx_io import ort_session, run_session
 from rvdeploy.precision.int8 import quantizable_nodes
 
@@ -71,12 +71,8 @@ def output_ranks(model: onnx.ModelProto, layers: list[str]) -> dict[str, int]:
 def _channel_mean_graph(model: onnx.ModelProto, ranks: dict[str, int]) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` up to the layers of ``ranks``, whose outputs are the per-output-channel means (over
     the batch and every spatial position) of those layers' outputs: a few numbers per layer leave the
-    session, not its feature maps, and nothing after the layers runs. Built on the protobuf directly
-    (one walk back from the layers), since it is built once per corrected layer."""
+    session, not its feature maps, and nothing after the layers runs."""
     layers = {node.name: node for node in model.graph.node if node.name in ranks}
-    nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute)
-    # A subgraph may read any outer tensor: then every node is kept.
-    kept = list(model.graph.node) if nested else upstream_nodes(model, list(layers.values()))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     reduces, axes_inits, means = [], [], []
     for name, rank in ranks.items():
@@ -88,13 +84,8 @@ def _channel_mean_graph(model: onnx.ModelProto, ranks: dict[str, int]) -> tuple[
         else:
             reduces.append(onnx.helper.make_node("ReduceMean", [output], [mean], axes=axes, keepdims=0))
         means.append(mean)
-    used = {name for node in kept for name in node.input} | {value.name for value in model.graph.input}  # old IRs list weights as inputs
-    graph = onnx.helper.make_graph(
-        [*kept, *reduces], model.graph.name, model.graph.input, [onnx.ValueInfoProto(name=m) for m in means],
-        [init for init in model.graph.initializer if init.name in used] + axes_inits)
-    measured = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    measured.functions.extend(model.functions)
-    return measured, means
+    outputs = [layers[name].output[0] for name in ranks]
+    return prefix_model(model, outputs, reduces, axes_inits, means), means
 
 
 def channel_means(model: onnx.ModelProto, ranks: dict[str, int], feeds: list[dict], what: str) -> dict[str, np.ndarray]:
@@ -155,8 +146,10 @@ class BiasCorrector:
     FP32 layer means are measured once, and a layer's shift is measured once per precision of the
     layers up to it (what it depends on), so candidates that differ only downstream share the passes."""
 
-    def __init__(self, fp32: onnx.ModelProto, feeds: list[dict], target: str, what: str = "the INT8 graph") -> None:
-        self.layers = quantizable_nodes(fp32)  # graph order
+    def __init__(self, fp32: onnx.ModelProto, feeds: list[dict], target: str, what: str = "the INT8 graph",
+                 fitted: frozenset[str] = frozenset()) -> None:
+        # ``fitted``: layers whose bias adaptive rounding already fitted to FP32 (rvdeploy.precision.rounding): left alone
+        self.layers, self.fitted = quantizable_nodes(fp32), fitted  # graph order
         self.ranks = output_ranks(fp32, self.layers)
         self.feeds, self.target, self.what = feeds, target, what
         self.reference = channel_means(fp32, self.ranks, feeds, what)
@@ -172,7 +165,7 @@ class BiasCorrector:
         corrections, upstream = [], ()
         for name in self.layers:
             upstream += (precisions.get(name),)
-            if upstream[-1] != "int8":
+            if upstream[-1] != "int8" or name in self.fitted:
                 continue
             key = (name, upstream)
             if key not in self._shifts:

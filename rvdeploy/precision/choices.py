@@ -7,3 +7,5 @@ METHODS = ("entropy", "percentile", "minmax")  # calibration methods (rvdeploy.p
 # Healthy INT8 graphs of the shipped model reach 28-30 dB; broken ones (saturated, imbalanced) 5-15 dB.
 DEFAULT_MIN_SQNR_DB = 20.0
 DEFAULT_METHOD = "minmax"  # the best of the three measured on the shipped model: benchmarks/results/int8_methods.md
+ROUNDINGS = ("nearest", "adaptive")  # how INT8 weights are rounded (rvdeploy.precision.rounding)
+DEFAULT_ROUNDING = "adaptive"  # within 3x the time of nearest on RepVGG-A0 (benchmarks/results/int8_rounding.md)

@@ -61,6 +61,11 @@ class EqualizeReport:
     proof: Comparison | None  # the worst graph output, equalized vs. original; None when nothing changed
     # node → (weight spread before, after) for every Conv/Gemm the equalization touched
     node_spreads: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Where the quantizer measured whether to keep it (the default): the output SQNR on the calibration
+    # images, weights rounded to nearest, of the INT8 graph with and without equalization.
+    sqnr_equalized_db: float | None = None
+    sqnr_plain_db: float | None = None
+    kept: bool = True
 
     @property
     def nothing_to_equalize(self) -> bool:
@@ -69,7 +74,8 @@ class EqualizeReport:
     def to_dict(self) -> dict:
         return {"pairs": [asdict(p) for p in self.pairs], "skipped": [asdict(s) for s in self.skipped],
                 "sweeps": self.sweeps, "proof": self.proof.to_dict() if self.proof else None,
-                "layer_spreads": {name: list(spreads) for name, spreads in self.node_spreads.items()}}
+                "layer_spreads": {name: list(spreads) for name, spreads in self.node_spreads.items()},
+                "sqnr_equalized_db": self.sqnr_equalized_db, "sqnr_plain_db": self.sqnr_plain_db, "kept": self.kept}
 
 
 def range_spread(ranges: np.ndarray) -> float:

@@ -20,6 +20,7 @@ from rvdeploy.compare import json_safe
 from rvdeploy.files import atomic_output
 from rvdeploy.precision.calib import QUANTIZED_OPS
 from rvdeploy.precision.equalize import EqualizeReport, weight_spread
+from rvdeploy.precision.rounding import Rounding
 
 # rvdeploy's export names nodes after modules: /stage2/stage2.3/rbr_reparam/Conv, /stage0/rbr_reparam/Conv,
 # /stage1/stage1.0/se/down/Conv (D2se), /linear/Gemm.
@@ -55,6 +56,8 @@ class LayerRow:
     input_max: float | None
     sqnr_db: float | None  # output SQNR against FP32 with only this layer in INT8 (None: not measured, or exact)
     precision: str  # int8, fp16 or fp32
+    nearest_sqnr_db: float | None = None  # the layer's output SQNR against FP32 on sampled rows, weights rounded to nearest...
+    adaptive_sqnr_db: float | None = None  # ... and by adaptive rounding fitted on other images (None: not rounded adaptively)
 
     def to_dict(self) -> dict:
         """JSON-ready: an infinite or NaN number (identical outputs, a channel of zeros) becomes None."""
@@ -84,12 +87,14 @@ def _weight_spread(weights: dict[str, onnx.TensorProto], node: onnx.NodeProto) -
 
 
 def layer_rows(graph: onnx.ModelProto, ranges: dict, equalize_report: EqualizeReport | None,
-               sqnr: dict[str, float], precisions: dict[str, str]) -> list[LayerRow]:
+               sqnr: dict[str, float], precisions: dict[str, str], rounding: Rounding | None = None) -> list[LayerRow]:
     """One row per Conv/Gemm of ``graph`` (the graph calibrated: equalized, or not), in graph order.
 
     ``ranges``: the calibration in onnxruntime's serialized form; ``equalize_report``: None when not
-    equalized; ``sqnr``: each layer's SQNR alone (empty: not measured); ``precisions``: node → precision.
+    equalized; ``sqnr``: each layer's SQNR alone (empty: not measured); ``precisions``: node → precision;
+    ``rounding``: what adaptive rounding measured (None: rounded to nearest).
     """
+    rounded = {layer.node: layer for layer in rounding.layers} if rounding else {}
     spreads = equalize_report.node_spreads if equalize_report else {}
     calibrated = _input_ranges(ranges)
     weights = {init.name: init for init in graph.graph.initializer}
@@ -106,6 +111,8 @@ def layer_rows(graph: onnx.ModelProto, ranges: dict, equalize_report: EqualizeRe
             block=block_name(node.name), node=node.name, op=node.op_type, weight_spread_before=before,
             weight_spread_after=after, scale_min=scale_min, scale_max=scale_max, input_min=input_min,
             input_max=input_max, sqnr_db=sqnr.get(node.name), precision=precisions.get(node.name, "int8"),
+            nearest_sqnr_db=rounded[node.name].nearest_sqnr_db if node.name in rounded else None,
+            adaptive_sqnr_db=rounded[node.name].adaptive_sqnr_db if node.name in rounded else None,
         ))
     return rows
 

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from rvdeploy.precision.calib import Calibration
 from rvdeploy.precision.fp16 import convert_fp16, plan_fp32_nodes
 from rvdeploy.precision.int8 import quantizable_nodes, quantize_int8
+from rvdeploy.precision.rounding import Rounding
 
 if TYPE_CHECKING:
     from rvdeploy.precision.sensitivity import OutputProbe
@@ -52,12 +53,15 @@ def _with_activation(graph: gs.Graph, layers: set[str]) -> set[str]:
 
 def fallback_graph(graph_path: str | os.PathLike, calibration: Calibration, target: str, fallback: tuple[str, ...],
                    activation_peaks: Callable[[], dict[str, float]],
-                   unsigned_weights: frozenset[str] = frozenset()) -> MixedGraph:
+                   unsigned_weights: frozenset[str] = frozenset(), rounding: Rounding | None = None) -> MixedGraph:
     """The Q/DQ graph of ``graph_path`` with the ``fallback`` layers out of INT8, and each Conv/Gemm's
     precision ("int8", "fp16" or "fp32"). ``activation_peaks`` gives the largest |value| of every
     tensor on the calibration images; it is called only when a layer falls back to FP16.
-    ``unsigned_weights``: the INT8 layers whose weights are uint8 (onnxruntime layout)."""
+    ``unsigned_weights``: the INT8 layers whose weights are uint8 (onnxruntime layout); ``rounding``: the
+    integers and biases adaptive rounding chose for the INT8 layers (None: rounded to nearest)."""
     quantized = quantize_int8(graph_path, calibration, target, nodes_to_exclude=fallback, unsigned_weights=unsigned_weights)
+    if rounding is not None:
+        quantized = rounding.apply(quantized)
     precisions = {node: "fp32" if node in fallback else "int8" for node in quantizable_nodes(quantized)}
     if not fallback or target != "tensorrt":
         return MixedGraph(quantized, precisions)

@@ -25,15 +25,17 @@ from rvdeploy.files import atomic_output, check_output_path, sha256_file
 from rvdeploy.onnx_io import load_onnx, read_metadata, save_onnx, write_metadata
 from rvdeploy.precision.bias_correction import BiasCorrection, BiasCorrector
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.choices import DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, METHODS, TARGETS
-from rvdeploy.precision.calib import QUANTIZED_OPS, Calibration, activation_peaks, calibrate, model_feeds
+from rvdeploy.precision.choices import DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING, METHODS, ROUNDINGS, TARGETS
+from rvdeploy.precision.calib import QUANTIZED_OPS, activation_peaks, model_feeds
 from rvdeploy.precision.cpu_format import CpuFormat, plan_cpu_format
-from rvdeploy.precision.equalize import EqualizeReport, equalize_graph
+from rvdeploy.precision.equalize import EqualizeReport
+from rvdeploy.precision.graph_choice import QuantizeSettings, graph_to_quantize
 from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, fp16_nodes, plan_fp32_nodes
 from rvdeploy.precision.guard import GuardReport, Top1Scorer, check_min_sqnr, fall_back_until_met
 from rvdeploy.precision.int8 import encode_weights, quantizable_nodes, quantize_int8
 from rvdeploy.precision.layer_report import LayerRow, layer_rows, plot_layers
 from rvdeploy.precision.mixed import PRECISIONS, MixedGraph, fallback_graph
+from rvdeploy.precision.rounding import Rounding, adaptive_rounding
 from rvdeploy.precision.sensitivity import OutputProbe, layer_sqnr, most_sensitive_first
 from rvdeploy.preprocess import Preprocess
 
@@ -62,8 +64,9 @@ class Int8Options(ImageOptions):
     cpu: str = "auto"  # onnxruntime target: the CPU class the graph is for (rvdeploy.machine.CPU_CLASSES); auto: this CPU's
     method: str = DEFAULT_METHOD
     cache_path: str | os.PathLike | None = None
-    equalize: bool = True  # cross-layer equalization of the FP32 graph before calibration
+    equalize: bool | None = None  # cross-layer equalization of the FP32 graph; None: where it measures better
     bias_correction: bool = True  # empirical bias correction of the INT8 layers of every candidate graph
+    rounding: str = DEFAULT_ROUNDING  # INT8 weights rounded to nearest, or chosen by optimization (ROUNDINGS)
     min_sqnr: float | None = DEFAULT_MIN_SQNR_DB  # label-free floor: output SQNR (dB) against FP32 on the calibration images; 0 or None: off
     val_dir: str | os.PathLike | None = None  # labelled guard: validation images...
     max_top1_drop: float | None = None  # ...and the top-1 drop (points) allowed on them
@@ -80,6 +83,8 @@ class Int8Options(ImageOptions):
             raise QuantizeError(f"unknown CPU class {self.cpu!r}; choose auto, {', '.join(CPU_CLASSES)}")
         if self.cpu != "auto" and self.target != "onnxruntime":
             raise QuantizeError("--cpu is for --target onnxruntime: the tensorrt layout runs on GPUs")
+        if self.rounding not in ROUNDINGS:
+            raise QuantizeError(f"unknown rounding {self.rounding!r}; choose {', '.join(ROUNDINGS)}")
         if self.method not in METHODS:
             raise QuantizeError(f"unknown calibration method {self.method!r}; choose {', '.join(METHODS)}")
         if (self.val_dir is None) != (self.max_top1_drop is None):
@@ -194,6 +199,7 @@ class Int8Report:
     equalization: EqualizeReport | None = None  # None: --no-equalize
     guard: GuardReport | None = None
     bias_correction: BiasCorrection | None = None  # None: --no-bias-correction
+    rounding: Rounding | None = None  # None: rounded to nearest
     cpu_format: CpuFormat | None = None  # the onnxruntime target's kernels per layer
     layers: list[LayerRow] = field(default_factory=list)
 
@@ -201,29 +207,19 @@ class Int8Report:
         data = asdict(self)
         data["equalization"] = self.equalization.to_dict() if self.equalization else None
         data["bias_correction"] = self.bias_correction.to_dict() if self.bias_correction else None
+        data["rounding"] = self.rounding.to_dict() if self.rounding else None
         data["guard"] = self.guard.to_dict() if self.guard else None
         data["cpu_format"] = self.cpu_format.to_dict() if self.cpu_format else None
         data["layers"] = [row.to_dict() for row in self.layers]
         return json_safe(data)
 
 
-def _graph_to_quantize(model: onnx.ModelProto, model_path: str | os.PathLike, equalize: bool, tmp: Path):
-    """The FP32 graph that is calibrated and quantized (equalized unless ``equalize`` is off), its path,
-    and the equalization report (None when off)."""
-    if not equalize:
-        return model, Path(model_path), None
-    equalized, report = equalize_graph(model, name=str(model_path))
-    if report.nothing_to_equalize:  # the same graph: the same calibration cache entry as without equalization
-        return model, Path(model_path), report
-    return equalized, save_onnx(equalized, tmp / "equalized.onnx"), report
-
-
 class _Corrected:
     """Candidate graphs with their INT8 layers' bias corrected, each kept only where correction raises
     its output SQNR on the calibration images; what correction did to each, by its layers out of INT8."""
 
-    def __init__(self, graph: onnx.ModelProto, probe: OutputProbe, target: str, what) -> None:
-        self.corrector = BiasCorrector(graph, probe.feeds, target, what)
+    def __init__(self, graph: onnx.ModelProto, probe: OutputProbe, target: str, what, fitted: frozenset[str]) -> None:
+        self.corrector = BiasCorrector(graph, probe.feeds, target, what, fitted)
         self.probe = probe
         self.reports: dict[tuple[str, ...], BiasCorrection] = {}
 
@@ -234,6 +230,17 @@ class _Corrected:
         after = corrected.output_sqnr(self.probe)
         self.reports[_out_of_int8(candidate)] = BiasCorrection(before, after, after > before, layers)
         return corrected if after > before else candidate
+
+
+def _rounded(graph: onnx.ModelProto, first: MixedGraph, probe: OutputProbe, options: Int8Options,
+             what: str | os.PathLike) -> tuple[MixedGraph, Rounding]:
+    """``first`` (the all-INT8 graph) with adaptive rounding, where its outputs beat nearest rounding's
+    on the calibration images (else ``first`` itself); and what rounding measured."""
+    model, rounding = adaptive_rounding(graph, first.model, probe.feeds, options.target, str(what), options.show_progress)
+    rounded = MixedGraph(model, first.precisions)
+    rounding.sqnr_before_db, rounding.sqnr_after_db = first.output_sqnr(probe), rounded.output_sqnr(probe)
+    rounding.kept = bool(rounding.weights) and rounding.sqnr_after_db > rounding.sqnr_before_db
+    return (rounded if rounding.kept else first), rounding
 
 
 def _out_of_int8(candidate: MixedGraph) -> tuple[str, ...]:
@@ -259,19 +266,23 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     guarded = floor is not None or scorer is not None
     source_sha256 = sha256_file(model_path)
     with tempfile.TemporaryDirectory(prefix="rvdeploy-int8-") as tmp:
-        graph, graph_path, equalization = _graph_to_quantize(model, model_path, options.equalize, Path(tmp))
-        graph_sha256 = source_sha256 if graph is model else sha256_file(graph_path)
-        calibration: Calibration = calibrate(graph_path, graph_sha256, images, recipe, options.method,
-                                             options.cache_path, options.show_progress)
         probe = OutputProbe(model, images, recipe, model_path)
-        first = quantize_int8(graph_path, calibration, options.target)
+        chosen = graph_to_quantize(model, model_path, source_sha256, options.equalize, QuantizeSettings(
+            options.target, options.method, options.cache_path, options.show_progress), images, recipe, probe, Path(tmp))
+        graph, graph_path, calibration, equalization = chosen.model, chosen.path, chosen.calibration, chosen.equalization
+        first = chosen.quantized or quantize_int8(graph_path, calibration, options.target)
         cpu_format = None
         if options.target == "onnxruntime":
             cpu_format = plan_cpu_format(options.cpu, graph, first, probe, options.show_progress)
         measured_unsigned = cpu_format.measured_unsigned if cpu_format else frozenset()
         first = MixedGraph(encode_weights(first, measured_unsigned) if measured_unsigned else first,
                            {node: "int8" for node in quantizable_nodes(graph)})
+        # Each layer's sensitivity is measured with its weights rounded to nearest: adaptive rounding fits a
+        # layer to the errors upstream of it, which a layer alone in INT8 does not have.
         uncorrected, sqnr = first.model, {}
+        rounding = None
+        if options.rounding == "adaptive":
+            first, rounding = _rounded(graph, first, probe, options, model_path)
 
         def sensitivity() -> dict[str, float]:  # one pass per layer: only for a report, or a guard with work to do
             if not sqnr:
@@ -282,12 +293,14 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
             sensitivity()
         peaks = functools.cache(lambda: activation_peaks(graph, probe.feeds, model_path))
 
-        corrected = _Corrected(graph, probe, options.target, model_path) if options.bias_correction else None
+        fitted = frozenset(rounding.biases) if rounding and rounding.kept else frozenset()
+        corrected = _Corrected(graph, probe, options.target, model_path, fitted) if options.bias_correction else None
         if corrected:
-            first = corrected(first)  # the sensitivity grafts the uncorrected layers, one at a time
+            first = corrected(first)  # the sensitivity grafts the uncorrected, nearest-rounded layers, one at a time
 
         def build(fallback: tuple[str, ...]) -> MixedGraph:
-            candidate = fallback_graph(graph_path, calibration, options.target, fallback, peaks, measured_unsigned)
+            candidate = fallback_graph(graph_path, calibration, options.target, fallback, peaks, measured_unsigned,
+                                       rounding if rounding and rounding.kept else None)
             return corrected(candidate) if corrected else candidate
 
         guard_report = None
@@ -313,14 +326,17 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         equalization=equalization,
         guard=guard_report,
         bias_correction=bias_correction,
+        rounding=rounding,
         cpu_format=cpu_format,
-        layers=layer_rows(graph, calibration.ranges, equalization, sqnr, final.precisions),
+        layers=layer_rows(graph, calibration.ranges, equalization if graph is not model or equalization is None
+                          or equalization.nothing_to_equalize else None, sqnr, final.precisions, rounding),
     )
     metadata = {
         "precision": "int8",
         "int8_target": options.target,
         "calibration": {"method": options.method, "images": calibration.images},
-        "equalized": equalization is not None and not equalization.nothing_to_equalize,
+        "rounding": "adaptive" if rounding and rounding.kept else "nearest",
+        "equalized": graph is not model,
         "fp16_nodes": by_precision["fp16"],
         "fp32_nodes": by_precision["fp32"],
         "source_onnx_sha256": source_sha256,
