@@ -44,7 +44,10 @@ def zoo_graphs(tmp_path_factory):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_builds_every_precision_with_tensorrt_rtx(tmp_path, zoo_graphs, name, precision):
     engine = tmp_path / f"{name}-{precision}.engine"
-    extra = {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8", "--calib", CALIB, "--allow-upscale", "--num-images", "64"]}
+    # The all-INT8 graph (--min-sqnr 0): these synthetic nets at 32 px reach 12 dB, and the floor's fallback (most of
+    # B1g2 to FP16, minutes) is not what this test builds; tests/test_bias_correction.py builds a guarded graph.
+    extra = {"fp32": [], "fp16": ["--fp16"],
+             "int8": ["--int8", "--calib", CALIB, "--allow-upscale", "--num-images", "64", "--min-sqnr", "0"]}
     code, stdout, stderr = run("build-engine", zoo_graphs[name], "-o", engine, "--backend", "tensorrt-rtx", "--json", *extra[precision])
     assert code == 0, stderr
     side = json.loads(stdout)

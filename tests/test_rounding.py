@@ -6,9 +6,12 @@ bias correction and both layouts (and both CPU classes), and TensorRT-RTX builds
 import json
 
 import numpy as np
+import onnxruntime
 import onnx
 import pytest
 import torch
+
+from onnx import numpy_helper
 
 from rvdeploy.compare import sqnr_db
 from rvdeploy.engine.build import compile_onnx
@@ -213,3 +216,45 @@ def test_unknown_rounding_is_one_line(tmp_path, digits_onnx):
     assert not (tmp_path / "x.onnx").exists()
     code, stdout, _ = run("quantize", digits_onnx, "-o", tmp_path / "y.onnx", "--int8", "--calib", CALIB, "--rounding", "adaptive")
     assert code == 0 and "rounding: adaptive in" in stdout
+
+
+def test_a_shared_bias_is_copied_and_a_missing_one_added(tmp_path):
+    """The small graph whose two Convs share one bias and whose Gemm has none (tensorrt layout): each
+    layer gets a bias of its own, the shared one is left as it was, and the rounded graph beats nearest."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from rvdeploy.onnx_io import save_onnx
+    from rvdeploy.precision.int8 import target_options
+    from rvdeploy.precision.rounding import adaptive_rounding
+    from test_bias_correction import _small_pair
+
+    fp32, _, feeds = _small_pair()
+    rng = np.random.default_rng(5)
+    feeds = [{"x": (rng.normal(size=(32, 4, 8, 8)) + 0.5).astype(np.float32)} for _ in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(feeds)
+
+        def get_next(self):
+            return next(self.left, None)
+
+    settings = target_options("tensorrt")
+    quantize_static(str(save_onnx(fp32, tmp_path / "fp32.onnx")), str(tmp_path / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(settings.op_types), per_channel=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, extra_options=settings.extra_options)
+    nearest = onnx.load(tmp_path / "int8.onnx")
+    conv2 = next(n for n in nearest.graph.node if n.name == "conv2")
+    conv2.input[2] = "b"  # onnxruntime's quantizer gives each its own copy: share it again
+    rounded, report = adaptive_rounding(fp32, nearest, feeds, "tensorrt", show_progress=False)
+    inits = {i.name: numpy_helper.to_array(i) for i in rounded.graph.initializer}
+    node = {n.name: n for n in rounded.graph.node}
+    assert np.array_equal(inits["b"], np.full(6, 0.1, np.float32))  # the shared original, untouched
+    biased = [name for name in ("conv1", "conv2", "gemm") if name in report.biases]
+    assert "gemm" in biased and len(node["gemm"].input) == 3
+    for name in biased:
+        assert node[name].input[2] != "b" and np.allclose(inits[node[name].input[2]], report.biases[name])
+    outputs = lambda m: np.concatenate([onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
+                                        .run(None, f)[0] for f in feeds])
+    reference = outputs(fp32)
+    assert sqnr_db(outputs(rounded), reference) > sqnr_db(outputs(nearest), reference)

@@ -8,4 +8,4 @@ METHODS = ("entropy", "percentile", "minmax")  # calibration methods (rvdeploy.p
 DEFAULT_MIN_SQNR_DB = 20.0
 DEFAULT_METHOD = "minmax"  # the best of the three measured on the shipped model: benchmarks/results/int8_methods.md
 ROUNDINGS = ("nearest", "adaptive")  # how INT8 weights are rounded (rvdeploy.precision.rounding)
-DEFAULT_ROUNDING = "adaptive"  # within 3x the time of nearest on RepVGG-A0 (benchmarks/results/int8_rounding.md)
+DEFAULT_ROUNDING = "adaptive"  # 1.8x the time of nearest on RepVGG-A0, 224 px, 256 images (benchmarks/results/int8_rounding.md)

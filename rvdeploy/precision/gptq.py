@@ -24,6 +24,7 @@ import numpy as np
 
 QMAX = 127  # the symmetric int8 grid onnxruntime's quantizer writes and TensorRT reads
 DAMPINGS = (0.03, 0.1, 0.3, 1.0)  # λ to choose from, relative to the mean diagonal of XqᵀXq
+MIN_ROWS_PER_COLUMN = 0.25  # rows to fit on per weight of a row, at least: fewer leave the layer rounded to nearest
 BLOCK = 128  # columns rounded between two matrix updates of the rest (GPTQ's lazy batch update)
 
 
@@ -140,11 +141,17 @@ def fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fol
     """Nearest and adaptive rounding of one layer (``reference``, ``nearest``: (groups, out/groups,
     K + 1) weights and bias). Fitted on the first fold, the λ of :data:`DAMPINGS` that predicts the
     second fold best is chosen, and the layer refitted on both, unless that held-out score does not
-    beat nearest rounding's on the same rows."""
+    beat nearest rounding's on the same rows. Rows to fit on fewer than a quarter of the weights in a
+    row (a wide layer on small feature maps: nothing to learn from), or values that are not finite,
+    leave the layer rounded to nearest."""
     fitting, held_out = folds
+    nearest_noise = held_out.noise(nearest)
+    nearest_db = sqnr_db(held_out.energy, nearest_noise)
+    finite = all(np.isfinite(g.hq).all() and np.isfinite(g.cross).all() and math.isfinite(g.energy) for g in folds)
+    if not finite or fitting.hq[0, -1, -1] < MIN_ROWS_PER_COLUMN * fitting.hq.shape[1]:  # the ones column's square: the rows
+        return LayerFit(nearest_db, nearest_db, math.nan, None)
     noise = {damping: held_out.noise(fit(fitting, reference, scale, damping, with_bias)) for damping in DAMPINGS}
     damping = min(noise, key=noise.get)
-    nearest_noise = held_out.noise(nearest)
-    better = noise[damping] < nearest_noise
-    return LayerFit(sqnr_db(held_out.energy, nearest_noise), sqnr_db(held_out.energy, noise[damping]), damping,
-                    fit(fitting + held_out, reference, scale, damping, with_bias) if better else None)
+    chosen = fit(fitting + held_out, reference, scale, damping, with_bias) if noise[damping] < nearest_noise else None
+    return LayerFit(nearest_db, sqnr_db(held_out.energy, noise[damping]), damping,
+                    chosen if chosen is not None and np.isfinite(chosen).all() else None)

@@ -31,6 +31,7 @@ from rvdeploy.progress import progress_bar
 
 ROWS_PER_COLUMN = 16  # sampled rows per weight column of a layer (K + 1 columns), at most...
 MIN_ROWS = 4096  # ... and at least this many (or every output position, if fewer)
+MAX_SAMPLE_BYTES = 2**28  # the FP32 outputs kept per layer until it is fitted, at most
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,15 @@ class _Layer:
 
 def _int8_layers(model: onnx.ModelProto) -> dict[str, _Layer]:
     """The Conv (2-D) and Gemm (input not transposed) layers whose weights are per-output-channel
-    integers dequantized from initializers: what adaptive rounding can round."""
+    integers dequantized from initializers of their own: what adaptive rounding can round."""
     producers = {out: node for node in model.graph.node for out in node.output}
     initializers = {init.name for init in model.graph.initializer}
+    readers = _readers(model)
     layers = {}
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if not node.name:  # layers are matched to the FP32 graph's by name
+            continue
         if node.op_type == "Conv":
             usable = attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID") and len(attrs.get("kernel_shape", [0, 0])) == 2
         elif node.op_type == "Gemm":
@@ -94,13 +98,23 @@ def _int8_layers(model: onnx.ModelProto) -> dict[str, _Layer]:
         else:
             continue
         dq = producers.get(node.input[1]) if len(node.input) > 1 else None
-        if not usable or dq is None or dq.op_type != "DequantizeLinear" or not set(dq.input[:3]) <= initializers:
+        if (not usable or dq is None or dq.op_type != "DequantizeLinear" or not set(dq.input[:3]) <= initializers
+                or readers[dq.output[0]] > 1 or readers[dq.input[0]] > 1):  # a shared weight stays as it is
             continue
         dq_axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
         out_axis = 1 if node.op_type == "Gemm" and not attrs.get("transB", 0) else 0
         if dq_axis == out_axis and len(dq.input) == 3:
             layers[node.name] = _Layer(node, dq)
     return layers
+
+
+def _readers(model: onnx.ModelProto) -> dict[str, int]:
+    """How many node inputs read each tensor."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 class _Writer:
@@ -110,6 +124,7 @@ class _Writer:
         self.model = model
         self.initializers = {init.name: init for init in model.graph.initializer}
         self.producers = {out: node for node in model.graph.node for out in node.output}
+        self.readers = _readers(model)
 
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.initializers[name])
@@ -129,17 +144,24 @@ class _Writer:
         if dq is not None and dq.op_type == "DequantizeLinear":  # the onnxruntime layout: int32 at its scale
             scale = self.array(dq.input[1]).astype(np.float64).reshape(-1)
             info = np.iinfo(np.int32)
-            self._set(dq.input[0], np.clip(np.round(bias / scale), info.min, info.max).astype(np.int32))
+            integers = np.clip(np.round(bias / scale), info.min, info.max).astype(np.int32)
+            self._own(dq, 0, f"{node.name}/rounded_bias_quantized", integers)
             return
-        if not name:
-            name = f"{node.name}/rounded_bias"
-            while len(node.input) < 3:
-                node.input.append("")
-            node.input[2] = name
-            self.model.graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), name))
-            self.initializers[name] = self.model.graph.initializer[-1]
+        self._own(node, 2, f"{node.name}/rounded_bias", bias.astype(np.float32))
+
+    def _own(self, node: onnx.NodeProto, index: int, new_name: str, values: np.ndarray) -> None:
+        """``values`` as ``node``'s input ``index``: into its initializer where only ``node`` reads it,
+        else (shared, or absent) into a new one."""
+        name = node.input[index] if len(node.input) > index else ""
+        if name in self.initializers and self.readers.get(name) == 1:
+            self._set(name, values.reshape(self.array(name).shape))
             return
-        self._set(name, bias.astype(np.float32).reshape(self.array(name).shape))
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = new_name
+        self.model.graph.initializer.append(numpy_helper.from_array(values, new_name))
+        self.initializers[new_name] = self.model.graph.initializer[-1]
+        self.readers[new_name] = 1
 
 
 def _capture(model: onnx.ModelProto, tensor: str, feeds: list[dict], what: str):
@@ -196,7 +218,8 @@ def _fp32_samples(fp32: onnx.ModelProto, layers: dict[str, tuple[onnx.NodeProto,
         for (name, (node, shape)), y in zip(layers.items(), values):
             groups = _attributes(node).get("group", 1)
             if node.op_type == "Conv":
-                rows = max(MIN_ROWS, ROWS_PER_COLUMN * (int(np.prod(shape[1:])) + 1)) // len(feeds) + 1
+                rows = min(max(MIN_ROWS, ROWS_PER_COLUMN * (int(np.prod(shape[1:])) + 1)),
+                           MAX_SAMPLE_BYTES // (4 * shape[0])) // len(feeds) + 1
                 positions = output_positions(y.shape[0], y.shape[2], y.shape[3], rows, rng)
                 y = y[positions[0], :, positions[1], positions[2]]
             else:
