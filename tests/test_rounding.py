@@ -198,14 +198,25 @@ def test_both_cpu_classes_round_adaptively_in_their_own_encoding(tmp_path, digit
             assert np.array_equal(dequantized(values, scale, zero), dequantized(*made["vnni"][0][node]))
 
 
-def test_the_guard_falls_back_with_the_adaptive_integers_kept(tmp_path, digits_onnx):
+def test_the_guard_falls_back_keeping_the_adaptive_integers_upstream(tmp_path, digits_onnx, rounded):
+    """A candidate keeps the adaptive integers of its INT8 layers before the first layer out of INT8;
+    those after it were fitted to errors the fallback removed, and are rounded to nearest."""
     out = tmp_path / "guarded.onnx"
     report = quantize_int8_file(digits_onnx, out, options(rounding="adaptive", min_sqnr=50))  # beyond INT8: layers fall back
-    assert report.fp16_nodes or report.fp32_nodes
+    out_of_int8 = set(report.fp16_nodes) | set(report.fp32_nodes)
+    assert out_of_int8 and report.rounding.kept
     written = weight_arrays(onnx.load(out))
-    for node, integers in report.rounding.weights.items():
-        if node in written:  # still INT8: the integers adaptive rounding chose
-            assert np.array_equal(written[node][0], integers)
+    nearest = weight_arrays(onnx.load(rounded["nearest"][0]))
+    order = [layer.node for layer in report.rounding.layers]  # graph order
+    first_out = min(order.index(node) for node in out_of_int8)
+    checked = 0
+    for node in order:
+        if node not in written:
+            continue
+        expected = report.rounding.weights.get(node, nearest[node][0]) if order.index(node) < first_out else nearest[node][0]
+        assert np.array_equal(written[node][0], expected), node
+        checked += 1
+    assert checked == 9 - len(out_of_int8)
 
 
 def test_unknown_rounding_is_one_line(tmp_path, digits_onnx):

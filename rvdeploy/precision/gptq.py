@@ -144,10 +144,17 @@ def fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fol
     beat nearest rounding's on the same rows. Rows to fit on fewer than a quarter of the weights in a
     row (a wide layer on small feature maps: nothing to learn from), or values that are not finite,
     leave the layer rounded to nearest."""
+    with np.errstate(all="ignore"):  # a value that is not finite is caught below, not printed
+        return _fit_layer(reference, nearest, scale, folds, with_bias)
+
+
+def _fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, folds: tuple[Grams, Grams],
+               with_bias: bool) -> LayerFit:
     fitting, held_out = folds
     nearest_noise = held_out.noise(nearest)
     nearest_db = sqnr_db(held_out.energy, nearest_noise)
-    finite = all(np.isfinite(g.hq).all() and np.isfinite(g.cross).all() and math.isfinite(g.energy) for g in folds)
+    finite = (all(np.isfinite(g.hq).all() and np.isfinite(g.cross).all() and math.isfinite(g.energy) for g in folds)
+              and (scale > 0).all())
     if not finite or fitting.hq[0, -1, -1] < MIN_ROWS_PER_COLUMN * fitting.hq.shape[1]:  # the ones column's square: the rows
         return LayerFit(nearest_db, nearest_db, math.nan, None)
     noise = {damping: held_out.noise(fit(fitting, reference, scale, damping, with_bias)) for damping in DAMPINGS}

@@ -58,10 +58,10 @@ def fallback_graph(graph_path: str | os.PathLike, calibration: Calibration, targ
     precision ("int8", "fp16" or "fp32"). ``activation_peaks`` gives the largest |value| of every
     tensor on the calibration images; it is called only when a layer falls back to FP16.
     ``unsigned_weights``: the INT8 layers whose weights are uint8 (onnxruntime layout); ``rounding``: the
-    integers and biases adaptive rounding chose for the INT8 layers (None: rounded to nearest)."""
+    integers and biases adaptive rounding chose for the INT8 layers before any fallback layer (None: rounded to nearest)."""
     quantized = quantize_int8(graph_path, calibration, target, nodes_to_exclude=fallback, unsigned_weights=unsigned_weights)
     if rounding is not None:
-        quantized = rounding.apply(quantized)
+        quantized = rounding.apply(quantized, fallback)
     precisions = {node: "fp32" if node in fallback else "int8" for node in quantizable_nodes(quantized)}
     if not fallback or target != "tensorrt":
         return MixedGraph(quantized, precisions)

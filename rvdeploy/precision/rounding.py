@@ -59,19 +59,27 @@ class Rounding:
         return json_safe({"sqnr_before_db": self.sqnr_before_db, "sqnr_after_db": self.sqnr_after_db, "kept": self.kept,
                           "layers": [asdict(layer) for layer in self.layers]})
 
-    def apply(self, quantized: onnx.ModelProto) -> onnx.ModelProto:
-        """A copy of ``quantized`` (a Q/DQ graph of the same FP32 graph) with the chosen integers and
-        biases written into those of its layers that are still INT8."""
+    def apply(self, quantized: onnx.ModelProto, fallback: tuple[str, ...] = ()) -> onnx.ModelProto:
+        """A copy of ``quantized`` (a Q/DQ graph of the same FP32 graph, the ``fallback`` layers out of
+        INT8) with the chosen integers and biases written into its INT8 layers that come before every
+        fallback layer in graph order. A layer after one was fitted to errors from upstream that the
+        fallback removed: it is left rounded to nearest."""
         model = onnx.ModelProto()
         model.CopyFrom(quantized)
         layers = _int8_layers(model)
         writer = _Writer(model)
-        for name, weights in self.weights.items():
-            if name in layers:
-                writer.weights(layers[name], weights)
-                if name in self.biases:
-                    writer.bias(layers[name], self.biases[name])
+        for node in model.graph.node:
+            if node.name in fallback:
+                break
+            if node.name in layers and node.name in self.weights:
+                writer.weights(layers[node.name], self.weights[node.name])
+                if node.name in self.biases:
+                    writer.bias(layers[node.name], self.biases[node.name])
         return model
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 @dataclass(frozen=True)
@@ -81,29 +89,27 @@ class _Layer:
 
 
 def _int8_layers(model: onnx.ModelProto) -> dict[str, _Layer]:
-    """The Conv (2-D) and Gemm (input not transposed) layers whose weights are per-output-channel
+    """The Conv (2-D) and Gemm (weights transposed, input not) layers whose weights are per-output-channel
     integers dequantized from initializers of their own: what adaptive rounding can round."""
     producers = {out: node for node in model.graph.node for out in node.output}
     initializers = {init.name for init in model.graph.initializer}
     readers = _readers(model)
     layers = {}
     for node in model.graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attributes(node)
         if not node.name:  # layers are matched to the FP32 graph's by name
             continue
         if node.op_type == "Conv":
             usable = attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID") and len(attrs.get("kernel_shape", [0, 0])) == 2
-        elif node.op_type == "Gemm":
-            usable = not attrs.get("transA", 0)
+        elif node.op_type == "Gemm":  # weights (out, in), as exporters write them
+            usable = not attrs.get("transA", 0) and attrs.get("transB", 0)
         else:
             continue
         dq = producers.get(node.input[1]) if len(node.input) > 1 else None
         if (not usable or dq is None or dq.op_type != "DequantizeLinear" or not set(dq.input[:3]) <= initializers
                 or readers[dq.output[0]] > 1 or readers[dq.input[0]] > 1):  # a shared weight stays as it is
             continue
-        dq_axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        out_axis = 1 if node.op_type == "Gemm" and not attrs.get("transB", 0) else 0
-        if dq_axis == out_axis and len(dq.input) == 3:
+        if next((a.i for a in dq.attribute if a.name == "axis"), 1) == 0 and len(dq.input) == 3:
             layers[node.name] = _Layer(node, dq)
     return layers
 
@@ -178,12 +184,12 @@ def _layer_weights(fp32: onnx.ModelProto, node_name: str) -> tuple[np.ndarray, n
     has_bias = len(node.input) > 2 and bool(node.input[2]) if node is not None else False
     if node is None or node.input[1] not in initializers or (has_bias and node.input[2] not in initializers):
         return None
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = _attributes(node)
     if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
         return None
-    weights = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
-    if node.op_type == "Gemm" and not attrs.get("transB", 0):
-        weights = weights.T
+    weights = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)  # (out, ...): a Gemm's transB=1
+    if node.op_type == "Conv" and weights.ndim != 4:  # 2-D convolutions only
+        return None
     bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64).reshape(-1) if has_bias else np.zeros(len(weights))
     return (weights, bias) if bias.size == len(weights) else None
 
@@ -192,10 +198,6 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copied = onnx.ModelProto()
     copied.CopyFrom(model)
     return copied
-
-
-def _attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 @dataclass
