@@ -108,9 +108,10 @@ def a0_rows(tmp: Path, images: int) -> list[dict]:
     return unlabelled_rows("RepVGG-A0 224 px", fp32, tmp, images)
 
 
-def timm_rows(tmp: Path, images: int) -> list[dict]:
+def timm_rows(tmp: Path, images: int, done: list[dict]) -> list[dict]:
     """timm's families with random weights and BN statistics fitted to images (as tests/test_graphfold.py
-    makes them), exported unfolded by the TorchScript exporter and folded by `rvdeploy fuse`."""
+    makes them), exported unfolded by the TorchScript exporter and folded by `rvdeploy fuse`; the results
+    file is rewritten after each (``done``: the rows written before)."""
     import timm
     import torch
 
@@ -125,26 +126,20 @@ def timm_rows(tmp: Path, images: int) -> list[dict]:
                           input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
         subprocess.run([RVDEPLOY, "fuse", str(unfolded), "-o", str(folded)], check=True, capture_output=True)
         rows += unlabelled_rows(f"timm {name}", folded, tmp, images, foreign=True)
+        write(done + rows, timm=True)
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--a0-images", type=int, default=256)
-    parser.add_argument("--timm", action="store_true", help="only the timm rows (run in .venv-timm)")
-    parser.add_argument("--timm-images", type=int, default=128)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        rows = timm_rows(tmp, args.timm_images) if args.timm else digits_rows(tmp) + a0_rows(tmp, args.a0_images)
-    times = {(r["model"], r["target"]): {} for r in rows}
+def write(rows: list[dict], timm: bool) -> Path:
+    """The results so far (rewritten after every model, so that a long run stopped midway keeps its rows)."""
+    pairs = {}
     for r in rows:
-        times[r["model"], r["target"]][r["rounding"]] = r
+        pairs.setdefault((r["model"], r["target"]), {})[r["rounding"]] = r
     for r in rows:
-        pair = times[r["model"], r["target"]]
-        if r["rounding"] == "adaptive" and "nearest" in pair:
-            r["gain_db"] = r["sqnr_db"] - pair["nearest"]["sqnr_db"]
-            r["time_ratio"] = r["seconds"] / pair["nearest"]["seconds"]
+        nearest = pairs[r["model"], r["target"]].get("nearest")
+        if r["rounding"] == "adaptive" and nearest:
+            r["gain_db"] = r["sqnr_db"] - nearest["sqnr_db"]
+            r["time_ratio"] = r["seconds"] / nearest["seconds"]
     columns = [("model", "model"), ("target", "INT8 layout"), ("images", "calibration images"), ("rounding", "--rounding"),
                ("written_rounding", "written"), ("equalized", "equalized"), ("seconds", "quantize s (whole process)"),
                ("sqnr_db", "held-out logit SQNR dB"), ("top1", "top-1 %"), ("fp32_top1", "FP32 top-1 %"),
@@ -156,7 +151,22 @@ def main() -> None:
              "(AIMET CLE + AdaRound) in ≤ 30 s; x50_up_down ≥ 32 dB; top-1 ≥ FP32 − 0.5; A0 and real graphs adaptive ≥ nearest + 2 dB; "
              "adaptive the default if ≤ 3× nearest's time on A0 at 224 px with 256 images. Held-out crops for A0 and "
              f"the timm nets: {HELD_OUT_CROPS} crops of scikit-learn's sample photos that are not among the calibration crops.")
-    print(write_results("int8_rounding_timm" if args.timm else "int8_rounding", rows, columns, notes))
+    return write_results("int8_rounding_timm" if timm else "int8_rounding", rows, columns, notes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a0-images", type=int, default=256)
+    parser.add_argument("--timm", action="store_true", help="only the timm rows (run in .venv-timm)")
+    parser.add_argument("--timm-images", type=int, default=128)
+    args = parser.parse_args()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        parts = [lambda: timm_rows(tmp, args.timm_images, rows)] if args.timm else [lambda: digits_rows(tmp), lambda: a0_rows(tmp, args.a0_images)]
+        for part in parts:
+            rows += part()
+            print(write(rows, args.timm))
 
 
 if __name__ == "__main__":
