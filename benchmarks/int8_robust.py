@@ -12,9 +12,11 @@ the label-free one (--min-sqnr 25), with and without equalization, and count the
 Run:
     .venv/bin/python benchmarks/int8_robust.py [--folder build/int8_robust] [--batch 8] [--seconds 20]
 
-The folder keeps the FP32 graphs and calib.npy for benchmarks/modelopt_ptq.py; when its
-``modelopt/*.onnx`` exist (or benchmarks/results/int8_modelopt.json does), they are scored here too,
-as the ``modelopt`` row group.
+The folder keeps the FP32 graphs, calib.npy and heldout.npy for benchmarks/modelopt_ptq.py and
+benchmarks/aimet_ptq.py; when its ``modelopt/*.onnx`` exist (or benchmarks/results/int8_modelopt.json
+does), they are scored here too, as the ``modelopt`` row group, and so are AIMET's held-out logits
+(``aimet/*.npy``, with the seconds each recipe took) as the ``aimet`` group. rvdeploy's rows use
+the default rounding (adaptive: rvdeploy.precision.rounding).
 """
 
 from __future__ import annotations
@@ -252,7 +254,10 @@ def main() -> None:
              f"layout, bias correction on; the --val guard reads the same held-out split the table scores (the only labelled "
              f"split shipped), the label-free one needs no labels ({GUARD_MIN_SQNR:g} dB: below the 27-30 dB of healthy "
              "INT8 graphs of this model, far above broken ones). Goals: imbalanced within 0.5 point and 1.5 dB of unmodified; "
-             "INT8 within 0.5 point of FP32; a guard keeps at most one layer out of INT8. CLE: cross-layer equalization (rvdeploy.precision.equalize), on by default. "
+             "INT8 within 0.5 point of FP32; a guard keeps at most one layer out of INT8. CLE: cross-layer equalization (rvdeploy.precision.equalize), forced on or off here "
+             "(by default it is kept where it measures better). AIMET rows: aimet-onnx's QuantizationSimModel with a TensorRT-like config "
+             "(per-channel symmetric int8 weights, signed symmetric per-tensor activations, float bias, min_max), plain, CLE, CLE + AdaRound "
+             "(10,000 iterations a layer) and CLE + SeqMSE, on the same 256 calibration images; their seconds were measured while other work shared the 2 cores. "
              f"Against the unmodified model quantized without CLE instead: {versus_plain}.")
     print(write_results("int8_robust", rows, columns, notes))
 
