@@ -148,7 +148,8 @@ class BiasCorrector:
 
     def __init__(self, fp32: onnx.ModelProto, feeds: list[dict], target: str, what: str = "the INT8 graph",
                  fitted: frozenset[str] = frozenset()) -> None:
-        # ``fitted``: layers whose bias adaptive rounding already fitted to FP32 (rvdeploy.precision.rounding): left alone
+        # ``fitted``: layers whose bias adaptive rounding fitted to FP32 (rvdeploy.precision.rounding): left alone
+        # while every layer before them is INT8
         self.layers, self.fitted = quantizable_nodes(fp32), fitted  # graph order
         self.ranks = output_ranks(fp32, self.layers)
         self.feeds, self.target, self.what = feeds, target, what
@@ -165,7 +166,8 @@ class BiasCorrector:
         corrections, upstream = [], ()
         for name in self.layers:
             upstream += (precisions.get(name),)
-            if upstream[-1] != "int8" or name in self.fitted:
+            # a fitted bias is in effect where no layer up to it left INT8 (rvdeploy.precision.rounding.Rounding.apply)
+            if upstream[-1] != "int8" or (name in self.fitted and all(p == "int8" for p in upstream)):
                 continue
             key = (name, upstream)
             if key not in self._shifts:
