@@ -64,8 +64,7 @@ class Rounding:
         INT8) with the chosen integers and biases written into its INT8 layers that come before every
         fallback layer in graph order. A layer after one was fitted to errors from upstream that the
         fallback removed: it is left rounded to nearest."""
-        model = onnx.ModelProto()
-        model.CopyFrom(quantized)
+        model = _copy(quantized)
         layers = _int8_layers(model)
         writer = _Writer(model)
         for node in model.graph.node:
