@@ -175,11 +175,9 @@ def _capture(model: onnx.ModelProto, tensor: str, feeds: list[dict], what: str):
         yield np.asarray(run_session(session, feed, what, [tensor])[0], np.float32)
 
 
-def _layer_weights(fp32: onnx.ModelProto, node_name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The FP32 graph's weights (out, ...) and bias of ``node_name``, when they are initializers (and a
+def _layer_weights(node: onnx.NodeProto | None, initializers: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The FP32 graph's weights (out, ...) and bias of ``node``, when they are ``initializers`` (and a
     Gemm scales neither)."""
-    node = next((n for n in fp32.graph.node if n.name == node_name), None)
-    initializers = {init.name: init for init in fp32.graph.initializer}
     has_bias = len(node.input) > 2 and bool(node.input[2]) if node is not None else False
     if node is None or node.input[1] not in initializers or (has_bias and node.input[2] not in initializers):
         return None
@@ -253,9 +251,11 @@ def adaptive_rounding(fp32: onnx.ModelProto, quantized: onnx.ModelProto, feeds: 
     """``quantized`` (a Q/DQ graph of ``fp32`` for ``target``) with its INT8 layers' weights and biases
     chosen by adaptive rounding on ``feeds``, layer by layer in graph order; and what it chose and measured."""
     writer = _Writer(_copy(quantized))
-    weights = {name: found for name in _int8_layers(quantized) if (found := _layer_weights(fp32, name)) is not None}
-    layers = {name: layer for name, layer in _int8_layers(writer.model).items() if name in weights}
     fp32_nodes = {node.name: node for node in fp32.graph.node}
+    fp32_initializers = {init.name: init for init in fp32.graph.initializer}
+    candidates = _int8_layers(writer.model)
+    weights = {name: found for name in candidates if (found := _layer_weights(fp32_nodes.get(name), fp32_initializers)) is not None}
+    layers = {name: layer for name, layer in candidates.items() if name in weights}
     rounding = Rounding()
     with progress_bar(show_progress) as progress:
         task = progress.add_task("adaptive rounding", total=len(layers) + 1)
