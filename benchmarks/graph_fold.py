@@ -1,7 +1,8 @@
 """Graph-level fold of exported multi-branch nets: nodes, fold time, ONNX Runtime CPU latency.
 
-One row per family: timm's mobileone_s0, repvit_m0_9, fastvit_t8 and repvgg_b1g4 (when timm
-imports) and the families tests/test_graphfold.py builds, exported unfolded by the TorchScript
+One row per family: timm's mobileone_s0, repvit_m0_9, fastvit_t8, repvgg_b1g4, nextvit_small and
+efficientvim_m1 (when timm imports), the families tests/test_graphfold.py builds and the literature's
+blocks tests/test_graphfold_literature.py builds (8 channels), exported unfolded by the TorchScript
 exporter at 224 px with a dynamic batch, folded with `rvdeploy.graphfold.fold_onnx_file` (proof
 included), then timed before and after at batch 1 and 8. Last, the fold time of a graph over
 100 MB: the unfolded export of a synthetic RepVGG-B3 training checkpoint (`rvdeploy export
@@ -35,7 +36,11 @@ from results_io import write_results
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_graphfold import FAMILIES, randomised  # noqa: E402  (the test-built families, not a copy)
 
-TIMM_MODELS = ("mobileone_s0", "repvit_m0_9", "fastvit_t8", "repvgg_b1g4")
+from test_graphfold_literature import BLOCKS, SHAPE  # noqa: E402  (the literature's blocks, issue 17)
+
+TIMM_MODELS = ("mobileone_s0", "repvit_m0_9", "fastvit_t8", "repvgg_b1g4", "nextvit_small", "efficientvim_m1")
+# The literature blocks that take an image (the linear ones take tokens).
+LITERATURE = tuple(name for name, (_, shape, _) in BLOCKS.items() if shape == SHAPE)
 BATCHES = (1, 8)
 
 
@@ -61,7 +66,8 @@ def _family_row(name: str, source: str, net: torch.nn.Module, channels: int, tmp
     report = fold_onnx_file(before, after)
     row = {"model": name, "source": source, "nodes_before": sum(report.ops_before.values()),
            "nodes_after": sum(report.ops_after.values()), "convs_before": report.ops_before.get("Conv", 0),
-           "convs_after": report.ops_after.get("Conv", 0), "fold_s": report.seconds,
+           "convs_after": report.ops_after.get("Conv", 0), "bns_before": report.ops_before.get("BatchNormalization", 0),
+           "bns_after": report.ops_after.get("BatchNormalization", 0), "fold_s": report.seconds,
            "fold_file_s": time.perf_counter() - start, "worst_ratio": report.proof.worst_ratio,
            "end_to_end_rel": report.proof.end_to_end.max_rel_error}
     for batch in BATCHES:  # best p50 of two interleaved rounds: the shared machine's load drifts
@@ -116,9 +122,13 @@ def main() -> None:
         for name, build in FAMILIES.items():
             torch.manual_seed(0)
             rows.append(_family_row(f"{name}-style", "test-built", randomised(build()), 8, tmp, args))
+        for name in LITERATURE:
+            torch.manual_seed(0)
+            rows.append(_family_row(name, "literature block", randomised(BLOCKS[name][0]()), 8, tmp, args))
         rows.append(_large_graph_row(tmp))
     columns = [("model", "model"), ("source", "source"), ("nodes_before", "nodes"), ("nodes_after", "nodes folded"),
-               ("convs_before", "Conv"), ("convs_after", "Conv folded"), ("fold_s", "fold_graph s"),
+               ("convs_before", "Conv"), ("convs_after", "Conv folded"), ("bns_before", "BN"),
+               ("bns_after", "BN folded"), ("fold_s", "fold_graph s"),
                ("fold_file_s", "fold_onnx_file s (load+fold+proof+save)"), ("worst_ratio", "worst group ratio"),
                ("b1_before_ms", "b1 ms"), ("b1_after_ms", "b1 folded ms"), ("b1_speedup", "b1 x"),
                ("b8_before_ms", "b8 ms"), ("b8_after_ms", "b8 folded ms"), ("b8_speedup", "b8 x")]

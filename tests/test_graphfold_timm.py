@@ -21,8 +21,11 @@ from rvdeploy.onnx_io import ort_session
 timm = pytest.importorskip("timm", reason="timm needs torchvision, which does not import beside the CPU torch build: "
                                           "run in .venv-timm (make test-timm)")
 
-# The feasibility fold: Conv counts before → after, as timm's reparameterize_model gives.
-CONVS = {"mobileone_s0": (191, 43), "repvit_m0_9": (126, 103), "fastvit_t8": (68, 52), "repvgg_b1g4": (56, 28)}
+# Conv counts before → after, as timm's reparameterize_model gives. NextViT folds pre-norms (into 1x1
+# convs, and through reshapes and an average pool into attention's MatMuls); EfficientViM folds gates
+# computed from a parameter (Sigmoid → Reshape → Gather, evaluated as a constant subgraph).
+CONVS = {"mobileone_s0": (191, 43), "repvit_m0_9": (126, 103), "fastvit_t8": (68, 52), "repvgg_b1g4": (56, 28),
+         "nextvit_small": (93, 93), "efficientvim_m1": (66, 66)}
 
 
 def _randomised(net: torch.nn.Module) -> torch.nn.Module:

@@ -100,8 +100,8 @@ def _fuse_graph(model: Path, output: Path, probe_size: int | None, as_json: bool
         print_json({"input": str(model), "output": str(output), **report.to_dict()})
         return
     if report.nothing_to_fold:
-        console.print(f"{model.name}: nothing to fold (no parallel conv/BN/identity branches, no Conv → BatchNormalization); "
-                      f"wrote it unchanged to {output}", highlight=False)
+        console.print(f"{model.name}: nothing to fold (no parallel branches, norms or linear chains to merge, no values "
+                      f"computed from constants alone); wrote it unchanged to {output}", highlight=False)
         return
     proof = report.proof
     rows = [
@@ -112,7 +112,7 @@ def _fuse_graph(model: Path, output: Path, probe_size: int | None, as_json: bool
     if proof is not None:
         e2e = proof.end_to_end
         rows += [
-            ("folded convs proven", f"{len(proof.groups)}, against their original nodes in float64, each on its own input; "
+            ("folded nodes proven", f"{len(proof.groups)} check{'s' if len(proof.groups) != 1 else ''}, against their original nodes in float64, each on its own input; "
                                     f"worst {proof.worst_group}: "
                               f"error {proof.worst_ratio:.2g} of its budget"),
             ("end to end", f"max abs {e2e.max_abs_error:.3g}, max rel {e2e.max_rel_error:.3g} (reported, not judged)"),

@@ -1,4 +1,5 @@
-"""Folding a whole graph: resolve constant aliases, then apply every pattern until none applies."""
+"""Folding a whole graph: resolve constant aliases, evaluate what constants alone compute, then apply
+every pattern until none applies."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from rvdeploy.graph_edit import export_like
+from rvdeploy.graphfold.chains import fold_conv_chain
+from rvdeploy.graphfold.constant_subgraphs import fold_constant_subgraphs
 from rvdeploy.graphfold.constants import remove_constant_aliases
 from rvdeploy.graphfold.parallel import fold_parallel
 from rvdeploy.graphfold.patterns import fold_bn_gemm, fold_conv_bn
-from rvdeploy.graphfold.results import FoldableGroup, GraphFoldReport, LeftAlone
+from rvdeploy.graphfold.pre_norm import fold_linear_norm, fold_pre_norm
+from rvdeploy.graphfold.results import CONSTANT, FoldableGroup, GraphFoldReport, LeftAlone
+from rvdeploy.graphfold.shapes import tensor_dims
 from rvdeploy.graphfold.state import Folded, FoldState
 from rvdeploy.onnx_io import read_metadata, write_metadata
 
 # Applied in this order each round: chains first, so that a branch is one node when groups are sought.
-PATTERNS = (fold_conv_bn, fold_bn_gemm, fold_parallel)
+PATTERNS = (fold_conv_bn, fold_bn_gemm, fold_conv_chain, fold_linear_norm, fold_pre_norm, fold_parallel)
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -27,8 +32,12 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 def _fold_to_fixed_point(model: onnx.ModelProto) -> FoldState:
     """Every pattern applied to ``model``'s graph (imported, so ``model`` is not changed) until none applies."""
     graph = gs.import_onnx(model)
-    state = FoldState(graph)
     remove_constant_aliases(graph)
+    evaluated = fold_constant_subgraphs(graph)
+    graph.cleanup()
+    state = FoldState(graph, lambda: tensor_dims(model))
+    for output, nodes in evaluated:
+        state.record(CONSTANT, output, nodes)
     while True:
         state.left_alone = {}  # only what the last round (the one that changed nothing) left holds
         changed = sum(pattern(state) for pattern in PATTERNS)

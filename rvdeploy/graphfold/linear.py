@@ -20,6 +20,7 @@ class AffineMap:
     bias: np.ndarray
     groups: int = 1
     strides: tuple[int, int] = (1, 1)
+    dilations: tuple[int, int] = (1, 1)
 
     @property
     def out_channels(self) -> int:
@@ -77,7 +78,7 @@ def merge(branches: list[AffineMap], coefficients: list[np.ndarray], constant: n
     """``sum_i c_i * branch_i(x) + constant`` as one map (``c_i`` and ``constant`` per output channel).
 
     Conv kernels are added centred into the largest kh x kw and regrouped to the greatest common
-    divisor of the branches' groups; all branches share the stride and the channel counts."""
+    divisor of the branches' groups; all branches share the stride, the dilation and the channel counts."""
     first = branches[0]
     bias = constant.astype(np.float64).copy()
     if first.kind == GEMM:
@@ -107,4 +108,46 @@ def merge(branches: list[AffineMap], coefficients: list[np.ndarray], constant: n
             top, left = (kh - h) // 2, (kw - w) // 2
             weight[:, :, top:top + h, left:left + w] += c[:, None, None, None] * kernel
         bias += c * branch.bias
-    return AffineMap(CONV, weight, bias, groups, first.strides)
+    return AffineMap(CONV, weight, bias, groups, first.strides, first.dilations)
+
+
+def undilated(conv: AffineMap) -> AffineMap:
+    """A dilated conv as the equal conv with dilation 1: its taps spread over a kernel of size
+    r(k-1)+1 with zeros between them."""
+    if conv.dilations == (1, 1):
+        return conv
+    (rh, rw), (kh, kw) = conv.dilations, conv.weight.shape[2:]
+    weight = np.zeros(conv.weight.shape[:2] + (rh * (kh - 1) + 1, rw * (kw - 1) + 1))
+    weight[:, :, ::rh, ::rw] = conv.weight
+    return AffineMap(CONV, weight, conv.bias, conv.groups, conv.strides)
+
+
+def _blocks(conv: AffineMap, groups: int) -> np.ndarray:
+    """The kernel regrouped to ``groups`` as [groups, out per group, in per group, kh, kw]."""
+    weight = regroup(np.asarray(conv.weight, np.float64), conv.groups, groups, conv.in_channels)
+    return weight.reshape((groups, conv.out_channels // groups) + weight.shape[1:])
+
+
+def compose(outer: AffineMap, inner: AffineMap, inner_is_pointwise: bool) -> AffineMap:
+    """``outer(inner(x))`` as one conv, when one of them is a 1x1 conv of stride 1 without padding
+    (``inner_is_pointwise`` says which): the result has the other's geometry. Grouped convs compose
+    block by block at the greatest common divisor of their groups. The caller checks that the
+    composition is exact (an inner bias that a padded outer conv would not see at the borders)."""
+    groups = math.gcd(outer.groups, inner.groups)
+    a, b = _blocks(outer, groups), _blocks(inner, groups)
+    inner_bias = np.asarray(inner.bias, np.float64).reshape(groups, -1)
+    if inner_is_pointwise:
+        weight = np.einsum("gomhw,gmi->goihw", a, b[..., 0, 0])
+        bias = outer.bias + np.einsum("gomhw,gm->go", a, inner_bias).reshape(-1)
+        geometry = outer
+    else:
+        weight = np.einsum("gom,gmihw->goihw", a[..., 0, 0], b)
+        bias = outer.bias + np.einsum("gom,gm->go", a[..., 0, 0], inner_bias).reshape(-1)
+        geometry = inner
+    return AffineMap(CONV, weight.reshape((-1,) + weight.shape[2:]), bias, groups, geometry.strides,
+                     geometry.dilations)
+
+
+def multiply_adds(conv: AffineMap) -> int:
+    """Multiply-adds per output pixel."""
+    return int(np.prod(conv.weight.shape))

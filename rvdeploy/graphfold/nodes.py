@@ -127,6 +127,8 @@ def read_batch_norm(node: gs.Node) -> BatchNormNode:
     values = [_constant(node, i, what) for i, what in enumerate(("input", "scale", "bias", "mean", "var")) if i]
     if any(v is None for v in values) or len({v.shape for v in values}) != 1 or values[0].ndim != 1:
         raise NotFoldable(f"{node_label(node)}: its parameters are not four constant vectors of one length")
+    if not all(np.isfinite(v).all() for v in values):
+        raise NotFoldable(f"{node_label(node)}: its parameters hold NaN or infinite values")
     bn = BatchNormNode(*values, eps=float(node.attrs.get("epsilon", 1e-5)))
     try:
         bn.scale_shift()

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from rvdeploy.compare import EXTRA_TERMS, NOISE_MARGIN, SAFETY, U32, compare_outputs, worst
+from rvdeploy.graphfold.constants import constant_value
 from rvdeploy.graphfold.fold import fold_model
 from rvdeploy.graphfold.nodes import ConvNode, read_conv, read_gemm
 from rvdeploy.graphfold.reference import Expr, GemmRef, Input
@@ -33,13 +34,32 @@ from rvdeploy.onnx_io import run_with_values
 from rvdeploy.probes import corner, one_thread, probe_feeds
 
 
+def _matmul(node: gs.Node) -> GemmRef:
+    """A MatMul by a constant, or the Add of a constant bias to one, as a Gemm on 2-d rows."""
+    bias = None
+    if node.op == "Add":
+        index = next(i for i, t in enumerate(node.inputs) if constant_value(t) is None)
+        bias = np.asarray(constant_value(node.inputs[1 - index]), np.float64).reshape(-1)
+        node = node.inputs[index].inputs[0]
+    return GemmRef(Input(), np.asarray(constant_value(node.inputs[1]), np.float64).T, bias)
+
+
 def _candidate(node: gs.Node) -> tuple[Expr, int, ConvNode | None]:
-    """The folded node as it is in the output graph, its fan-in, and the Conv it is (None for a Gemm)."""
+    """The folded node as it is in the output graph, its fan-in, and the Conv it is (None for a Gemm
+    or MatMul)."""
     if node.op == "Conv":
         conv = read_conv(node)
         return conv.reference(Input()), int(np.prod(conv.weight.shape[1:])), conv
+    if node.op in ("MatMul", "Add"):
+        gemm = _matmul(node)
+        return gemm, gemm.weight.shape[1], None
     weight, bias = read_gemm(node)
     return GemmRef(Input(), weight, bias), weight.shape[1], None
+
+
+def rows(x: np.ndarray, axis: int | None) -> np.ndarray:
+    """``x`` as 2-d rows of its channels on ``axis`` (what a MatMul on that axis computes on)."""
+    return x if axis is None else np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
 
 
 def window(x: np.ndarray, conv: ConvNode | None) -> np.ndarray:
@@ -57,6 +77,38 @@ def _channel_max(values: torch.Tensor) -> torch.Tensor:
 def _ratio(error: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     ratio = torch.where(budget > 0, error / budget.clamp_min(1e-300), torch.where(error == 0, 0.0, math.inf))
     return torch.nan_to_num(ratio, nan=math.inf)
+
+
+def _drift(folded: Folded, after: dict, captured: dict) -> np.ndarray:
+    """How far the folded graph's values are from the input graph's where the fold's relation
+    starts, per channel (on axis 1, or on the fold's token axis where it starts at its own input)."""
+    name = folded.relation.source
+    apart = np.abs(np.asarray(after[name], np.float64) - captured[name])
+    if name == folded.input:
+        apart = rows(apart, folded.tokens)
+    return _channel_max(torch.from_numpy(apart)).numpy()
+
+
+def check_relation(folded: Folded, x: np.ndarray, y: np.ndarray, drift: np.ndarray) -> GroupCheck:
+    """The input graph's tensor ``y`` against ``folded.relation`` of the folded graph's ``x`` (both
+    as rows of channels): a fold that tracked a channel wrongly through a reshape fails here. The
+    budget adds what ``drift`` (per channel: how far the two graphs' values are apart where they
+    part) becomes through the relation."""
+    relation = folded.relation
+    real = torch.from_numpy(np.asarray(x, np.float64))
+    with torch.inference_mode():
+        reference = relation.function.run(real, torch.float64)
+        computed32 = relation.function.run(real, torch.float32).double()
+        terms = relation.function.bound(_channel_max(real.abs())[None])[0]
+        apart = torch.from_numpy(drift)[None]
+        carried = relation.function.bound(apart)[0] - relation.function.bound(torch.zeros_like(apart))[0]
+    error = _channel_max((torch.from_numpy(np.asarray(y, np.float64)) - reference).abs())
+    rounding = SAFETY * (relation.taps + EXTRA_TERMS) * U32 * terms + carried
+    budget = torch.maximum(NOISE_MARGIN * _channel_max((computed32 - reference).abs()), rounding)
+    ratios = _ratio(error, budget)
+    channel = int(ratios.argmax())
+    return GroupCheck(f"{folded.name} (its input as the input graph's {relation.tensor})", folded.kind,
+                      max_error=error[channel].item(), budget=budget[channel].item(), ratio=ratios[channel].item())
 
 
 def check_group(folded: Folded, candidate: Expr, fan_in: int, x: np.ndarray, seed: int) -> GroupCheck:
@@ -96,15 +148,22 @@ def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[
     the original nodes it replaces, on its input captured from ``original``; compare the graphs
     end to end for the record."""
     feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
-    captured = run_with_values(original, feeds, sorted({f.input for f in folds.values()}), "the input graph")
-    after = run_with_values(folded_model, feeds, [], "the folded graph")
+    moved = [f for f in folds.values() if f.relation is not None]  # read a tensor the fold changed
+    parted = {f.relation.source for f in moved}
+    captured = run_with_values(original, feeds, sorted({f.input for f in folds.values() if f.relation is None}
+                                                       | {f.relation.tensor for f in moved} | parted), "the input graph")
+    after = run_with_values(folded_model, feeds, sorted({f.input for f in moved} | parted), "the folded graph")
+    drift = {f.relation.source: _drift(f, after, captured) for f in moved}
     tensors = gs.import_onnx(folded_model).tensors()
     checks = []
     with one_thread():
         for index, (output, folded) in enumerate(folds.items()):
             candidate, fan_in, conv = _candidate(tensors[output].inputs[0])
-            x = window(captured[folded.input], conv)
-            checks.append(check_group(folded, candidate, fan_in, x, options.seed + 1 + index))
+            x = rows((after if folded.relation else captured)[folded.input], folded.tokens)
+            checks.append(check_group(folded, candidate, fan_in, window(x, conv), options.seed + 1 + index))
+            if folded.relation is not None:
+                checks.append(check_relation(folded, x, rows(captured[folded.relation.tensor], folded.relation.axis),
+                                             drift[folded.relation.source]))
     end_to_end = worst(compare_outputs(after[o.name], captured[o.name]) for o in original.graph.output)
     worst_group = max(checks, key=lambda c: c.ratio, default=None)
     return GraphFoldProof(groups=checks, worst_group=worst_group.name if worst_group else None,

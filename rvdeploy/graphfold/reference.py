@@ -97,6 +97,25 @@ class ConvRef(Expr):
 
 
 @dataclass(frozen=True, eq=False)
+class AvgPoolRef(Expr):
+    """An AveragePool that counts the padding (count_include_pad=1): zero-padded, then averaged."""
+
+    inner: Expr
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]  # ONNX order
+
+    def run(self, x, dtype):
+        y = self.inner.run(x, dtype)
+        n = len(self.kernel)
+        y = F.pad(y, [p for i in reversed(range(n)) for p in (self.pads[i], self.pads[n + i])])
+        return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1](y, self.kernel, self.strides)
+
+    def bound(self, x_max):
+        return self.inner.bound(x_max)  # an average of absolute values never exceeds their largest
+
+
+@dataclass(frozen=True, eq=False)
 class GemmRef(Expr):
     """``x @ weight.T + bias`` with weight [N, K] (alpha, beta and transB already applied)."""
 

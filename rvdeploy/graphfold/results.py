@@ -11,6 +11,11 @@ from rvdeploy.errors import FoldError
 CONV_BN = "conv+bn"
 BN_GEMM = "bn+gemm"
 PARALLEL = "parallel branches"
+PRE_BN = "bn+conv"  # a BatchNormalization folded into the conv after it
+CONV_CHAIN = "conv+conv"  # two convs in sequence as one
+NORM_INTO_LINEAR = "bn into matmul"  # a BatchNormalization folded into MatMuls through reshapes
+LINEAR_NORM = "matmul+bn"  # a BatchNormalization folded into the MatMul before it, across reshapes
+CONSTANT = "constant subgraph"  # a value computed from constants alone, now an initializer
 
 
 class GraphFoldError(FoldError):

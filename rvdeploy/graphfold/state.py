@@ -8,6 +8,7 @@ fold that takes the node in keeps float64 arithmetic and the proof checks agains
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,21 +21,42 @@ from rvdeploy.graphfold.reference import Expr, GemmRef, Input
 from rvdeploy.graphfold.results import FoldableGroup, LeftAlone
 
 
+@dataclass(frozen=True)
+class Relation:
+    """What the input graph's tensor ``tensor`` is as a function of the folded graph's tensor the
+    fold reads (its channels on the axis :attr:`Folded.tokens`): ``function`` of it, in which
+    averages of up to ``taps`` values were taken in another order; ``axis``: the channels' axis in
+    ``tensor``. ``source`` (channels on axis 1, or last for a MatMul's input) is where the two graphs
+    part: what they compute there may differ by float32 rounding upstream."""
+
+    tensor: str
+    axis: int
+    source: str
+    function: Expr
+    taps: int = 1
+
+
 @dataclass
 class Folded:
     """A node a fold made: its kind and name, the tensor it reads, the original computation it
-    replaces (a function of that tensor) and its float64 weights."""
+    replaces (a function of that tensor) and its float64 weights. ``tokens``: the node is a MatMul
+    (+ bias) on that axis of its input, which the folded graph computes (a fold that moved a norm
+    past it) and ``relation`` ties to the input graph."""
 
     kind: str
     name: str
     input: str
     reference: Expr
     exact: AffineMap
+    tokens: int | None = None
+    relation: Relation | None = None
 
 
 class FoldState:
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, dims: Callable[[], dict[str, tuple]] = dict):
         self.graph = graph
+        self._find_dims = dims
+        self._dims: dict[str, tuple] | None = None
         self.outputs = {t.name for t in graph.outputs}
         self._names = set(graph.tensors())
         self.folded: dict[str, Folded] = {}  # output tensor of a node a fold made → what it replaces
@@ -74,8 +96,15 @@ class FoldState:
         weight, bias = read_gemm(node)
         return GemmRef(Input(), weight, bias)
 
+    def dims(self, tensor: gs.Tensor) -> tuple | None:
+        """``tensor``'s shape where shape inference on the input graph found it (computed once, when first asked)."""
+        if self._dims is None:
+            self._dims = self._find_dims()
+        return self._dims.get(tensor.name)
+
     # -- rewriting -------------------------------------------------------------------------------
-    def _constant(self, base: str, values: np.ndarray) -> gs.Constant:
+    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
+        """A new constant named ``base`` (made unique)."""
         name, n = base, 0
         while name in self._names:
             n += 1
@@ -93,21 +122,38 @@ class FoldState:
             if node.outputs:  # a node made by an earlier fold is now part of this one
                 self.folded.pop(node.outputs[0].name, None)
             node.outputs.clear()
-        weight = self._constant(f"{name}.weight", folded.weight.astype(dtype))
-        bias = self._constant(f"{name}.bias", folded.bias.astype(dtype))
+        weight = self.constant(f"{name}.weight", folded.weight.astype(dtype))
+        bias = self.constant(f"{name}.bias", folded.bias.astype(dtype))
         if folded.kind == GEMM:
             op, attrs = "Gemm", {"transB": 1}
         else:
             op = "Conv"
             if attrs is None:
                 kh, kw = folded.weight.shape[2:]
-                attrs = {"dilations": [1, 1], "group": folded.groups, "kernel_shape": [kh, kw],
-                         "pads": [(kh - 1) // 2, (kw - 1) // 2] * 2, "strides": list(folded.strides)}
+                (rh, rw) = folded.dilations
+                attrs = {"dilations": [rh, rw], "group": folded.groups, "kernel_shape": [kh, kw],
+                         "pads": [rh * (kh - 1) // 2, rw * (kw - 1) // 2] * 2, "strides": list(folded.strides)}
         node = gs.Node(op, name=name, attrs=attrs, inputs=[source, weight, bias], outputs=[output])
         nodes = self.graph.nodes
         nodes[next(i for i, n in enumerate(nodes) if n is anchor)] = node  # its place keeps the order topological
         self.folded[output.name] = Folded(kind, name, source.name, reference, folded)
-        self.groups.append(FoldableGroup(kind, output.name, labels))
-        self.counts[kind] += 1
+        self.record(kind, output.name, labels)
         return node
+
+    def insert_after(self, anchor: gs.Node, node: gs.Node) -> None:
+        index = next(i for i, n in enumerate(self.graph.nodes) if n is anchor)
+        self.graph.nodes.insert(index + 1, node)
+
+    def bypass(self, node: gs.Node) -> None:
+        """Its readers read its first input instead; it then reads nothing more and is cleaned up."""
+        output, source = node.outputs[0], node.inputs[0]
+        for reader in list(output.outputs):
+            for index, tensor in enumerate(reader.inputs):
+                if tensor is output:
+                    reader.inputs[index] = source
+        node.outputs.clear()
+
+    def record(self, kind: str, output: str, nodes: tuple[str, ...]) -> None:
+        self.groups.append(FoldableGroup(kind, output, nodes))
+        self.counts[kind] += 1
 
