@@ -36,11 +36,12 @@ from results_io import write_results
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_graphfold import FAMILIES, randomised  # noqa: E402  (the test-built families, not a copy)
 
-from test_graphfold_literature import BLOCKS, SHAPE  # noqa: E402  (the literature's blocks, issue 17)
+from test_graphfold_literature import BLOCKS, EXPORT_SKIPS, LINEAR_BLOCKS, SHAPE  # noqa: E402  (issue 17's blocks)
 
 TIMM_MODELS = ("mobileone_s0", "repvit_m0_9", "fastvit_t8", "repvgg_b1g4", "nextvit_small", "efficientvim_m1")
-# The literature blocks that take an image (the linear ones take tokens).
-LITERATURE = tuple(name for name, (_, shape, _) in BLOCKS.items() if shape == SHAPE)
+# The literature blocks that take an image (the linear ones take tokens) and that the TorchScript exporter exports.
+LITERATURE = tuple(name for name, (_, shape, _) in BLOCKS.items()
+                   if shape == SHAPE and name not in LINEAR_BLOCKS and (name, "torchscript-cf") not in EXPORT_SKIPS)
 BATCHES = (1, 8)
 
 

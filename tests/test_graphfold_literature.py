@@ -548,3 +548,22 @@ def test_a_hostile_pre_norm_is_left_alone_with_its_reason(value, reason):
     folded, report = fold_graph(model)
     assert ops(folded)["BatchNormalization"] == 1
     assert any(reason in a.reason for a in report.left_alone), report.left_alone
+
+
+@pytest.mark.parametrize("block", ["dbb", "dilated_reparam_k7", "prebn_tokens_linear", "linear_norm",
+                                   "efficientvim_gate", "orepa_einsum_only"])
+def test_new_patterns_keep_a_dynamic_batch_the_metadata_and_are_deterministic(block, tmp_path):
+    factory, shape, _ = BLOCKS[block]
+    torch.manual_seed(0)
+    net = randomised(factory())
+    model = export(net, torch.randn(*shape), dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    onnx.helper.set_model_props(model, {"author": "someone"})
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    report = fold_onnx_file(tmp_path / "in.onnx", tmp_path / "a.onnx")
+    fold_onnx_file(tmp_path / "in.onnx", tmp_path / "b.onnx")
+    assert report.proof.passed and (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    folded = onnx.load(str(tmp_path / "a.onnx"))
+    assert folded.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert {p.key: p.value for p in folded.metadata_props} == {"author": "someone"}
+    assert ops(folded)["BatchNormalization"] == 0
+    assert_equal_function(net, model, folded, torch.randn(3, *shape[1:]))

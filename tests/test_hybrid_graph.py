@@ -1,5 +1,6 @@
 """A hybrid net as real tools export it (shape arithmetic on a dynamic batch, SiLU, LayerNorm, attention
-MatMuls and Softmax, Resize, two outputs) through every later stage: FP16, INT8 for both targets,
+MatMuls and Softmax, deformable sampling (GridSample on a grid the net computes, as RT-DETR's decoder
+does), Resize, two outputs) through every later stage: FP16, INT8 for both targets,
 TensorRT-RTX engines (FP32, FP16, INT8) and bench."""
 
 import io
@@ -37,6 +38,7 @@ class Hybrid(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
+        self.offsets = nn.Linear(width, 2)
         self.fuse = nn.Conv2d(width, 16, 1)
         self.head = nn.Linear(width, classes)
 
@@ -49,6 +51,8 @@ class Hybrid(nn.Module):
         attention = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), dim=-1)
         tokens = tokens + self.proj(attention @ v)
         y = tokens.transpose(1, 2).reshape(n, c, h, w)
+        grid = torch.tanh(self.offsets(tokens)).reshape(n, h, w, 2)  # where each position samples from
+        y = y + F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         features = stem + self.fuse(F.interpolate(y, scale_factor=2.0, mode="nearest"))
         return self.head(tokens.mean(1)), features
 
@@ -70,7 +74,7 @@ def hybrid(tmp_path_factory):
     path = tmp_path_factory.mktemp("hybrid") / "hybrid.onnx"
     path.write_bytes(buffer.getvalue())
     ops = {n.op_type for n in onnx.load(path).graph.node}
-    assert {"Shape", "Gather", "Softmax", "MatMul", "Resize", "Sigmoid"} <= ops, ops  # the constructs are there
+    assert {"Shape", "Gather", "Softmax", "MatMul", "Resize", "Sigmoid", "GridSample"} <= ops, ops  # the constructs are there
     return path
 
 
@@ -102,6 +106,8 @@ def test_int8_takes_the_hybrid_graph(hybrid, held_out, tmp_path, target):
     assert code == 0, stderr
     equalization = next(line for line in stdout.splitlines() if line.startswith("equalization"))
     assert "a SiLU between them" in equalization and "squeeze-excitation" not in equalization  # named by what it is
+    summary = next(line for line in stdout.splitlines() if line.startswith("INT8 ("))
+    assert "in float by design: 1 GridSample, 1 LayerNormalization, 5 MatMul, 1 Softmax" in summary, summary
     logits, features = _outputs(out, held_out)
     ref_logits, ref_features = _outputs(hybrid, held_out)
     assert sqnr_db(logits, ref_logits) >= 18.0 and sqnr_db(features, ref_features) >= 18.0

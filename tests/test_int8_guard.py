@@ -170,6 +170,12 @@ def test_min_sqnr_guard_meets_its_limit_measured_independently(work, digits_onnx
     recipe = recipe_of(digits_onnx)
     measured = sqnr_db(outputs_on_calibration(out, recipe), outputs_on_calibration(digits_onnx, recipe))
     assert measured >= 34 and measured == pytest.approx(guard.final_sqnr_db, abs=1e-6)
+    # the search: doubling, then bisection; the prefix written is the shortest that met among those measured
+    lengths = [step["layers"] for step in guard.steps]
+    assert lengths[:2] == [1, 2][:len(lengths[:2])] and len(set(lengths)) == len(lengths)
+    met = [step["layers"] for step in guard.steps if step["sqnr_db"] >= 34]
+    assert len(guard.fallback) == min(met) and all(step["sqnr_db"] < 34 for step in guard.steps
+                                                  if step["layers"] < len(guard.fallback))
 
 
 def test_no_equalize_guard_falls_back_the_imbalanced_layer_and_equalization_fixes_it(work, imbalanced):

@@ -130,7 +130,9 @@ def _int8_summary(report) -> str:
     calibrated = "from the cache" if report.from_cache else f"in {report.calibration_seconds:.1f} s"
     lines = [f"INT8 ({report.target} layout, {report.method}): {report.quantized_nodes} layers quantized, "
              f"calibrated on {report.calibration_images} images {calibrated}"
-             + (f", {report.skipped_images} unreadable images skipped" if report.skipped_images else "")]
+             + (f", {report.skipped_images} unreadable images skipped" if report.skipped_images else "")
+             + ("; in float by design: " + ", ".join(f"{n} {op}" for op, n in report.float_by_design.items())
+                if report.float_by_design else "")]
     eq = report.equalization
     if eq is None:
         lines.append("equalization: off (--no-equalize)")

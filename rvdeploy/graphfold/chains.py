@@ -20,8 +20,8 @@ import onnx_graphsurgeon as gs
 
 from rvdeploy.graph_edit import node_label, producer
 from rvdeploy.graphfold.constants import single_reader
-from rvdeploy.graphfold.linear import CONV, AffineMap, compose, diagonal_map, multiply_adds
-from rvdeploy.graphfold.nodes import ConvNode, NotFoldable, read_batch_norm
+from rvdeploy.graphfold.linear import CONV, AffineMap, compose, composed_multiply_adds, diagonal_map, multiply_adds
+from rvdeploy.graphfold.nodes import ConvNode, NotFoldable, read_batch_norm, read_conv
 from rvdeploy.graphfold.reference import AvgPoolRef, Expr, Input
 from rvdeploy.graphfold.results import CONV_CHAIN, PRE_BN
 from rvdeploy.graphfold.state import FoldState
@@ -73,6 +73,15 @@ def conv_pads(conv: ConvNode, label: str) -> tuple[int, int, int, int]:
         big = [t - s for t, s in zip(totals, small)]
         return tuple(small + big) if conv.auto_pad == "SAME_UPPER" else tuple(big + small)
     return tuple(int(p) for p in conv.pads)
+
+
+def input_channels(node: gs.Node) -> int | None:
+    """The channels a Conv or BatchNormalization reads (None for an AveragePool: any), without
+    converting its weights."""
+    if node.op == "Conv":
+        conv = read_conv(node)
+        return conv.weight.shape[1] * conv.group
+    return read_batch_norm(node).gamma.shape[0] if node.op == "BatchNormalization" else None
 
 
 def read_step(state: FoldState, node: gs.Node, channels: int | None) -> Step:
@@ -146,13 +155,16 @@ def fold_conv_chain(state: FoldState) -> int:
         try:
             inner = read_step(state, inner_node, None)
             outer = read_step(state, outer_node, inner.map.out_channels)
+            if inner_node.op == "Conv" and (inner.is_pointwise or outer.is_pointwise):
+                one = composed_multiply_adds(outer.map, inner.map, inner.is_pointwise)
+                two = multiply_adds(outer.map) + multiply_adds(inner.map) * (
+                    int(np.prod(outer.map.strides)) if inner.is_pointwise else 1)
+                if one > two:
+                    continue  # a depthwise conv and a pointwise one are cheaper than the dense conv they make
             step = then(inner, outer)
         except NotFoldable as exc:
             state.leave(outer_node, f"{inner_node.op}+conv not folded: {exc}")
             continue
-        if inner_node.op == "Conv" and multiply_adds(step.map) > multiply_adds(outer.map) + multiply_adds(inner.map) * (
-                np.prod(outer.map.strides) if inner.is_pointwise else 1):
-            continue  # a depthwise conv and a pointwise one are cheaper than the dense conv they make
         kind = PRE_BN if inner_node.op == "BatchNormalization" else CONV_CHAIN
         dtype = state.conv(outer_node)[0].weight.dtype
         state.replace(kind, outer_node, [inner_node, outer_node], outer_node.name or inner_node.name,

@@ -136,13 +136,14 @@ def compose(outer: AffineMap, inner: AffineMap, inner_is_pointwise: bool) -> Aff
     groups = math.gcd(outer.groups, inner.groups)
     a, b = _blocks(outer, groups), _blocks(inner, groups)
     inner_bias = np.asarray(inner.bias, np.float64).reshape(groups, -1)
+    # Per group and kernel tap, a matrix product (BLAS): [kh, kw, O, M] @ [M, I] or [O, M] @ [M, I, kh, kw].
     if inner_is_pointwise:
-        weight = np.einsum("gomhw,gmi->goihw", a, b[..., 0, 0])
-        bias = outer.bias + np.einsum("gomhw,gm->go", a, inner_bias).reshape(-1)
+        weight = np.matmul(a.transpose(0, 3, 4, 1, 2), b[:, None, None, :, :, 0, 0]).transpose(0, 3, 4, 1, 2)
+        bias = outer.bias + (a.sum(axis=(3, 4)) @ inner_bias[..., None])[..., 0].reshape(-1)
         geometry = outer
     else:
-        weight = np.einsum("gom,gmihw->goihw", a[..., 0, 0], b)
-        bias = outer.bias + np.einsum("gom,gm->go", a[..., 0, 0], inner_bias).reshape(-1)
+        weight = np.matmul(a[:, None, None, :, :, 0, 0], b.transpose(0, 3, 4, 1, 2)).transpose(0, 3, 4, 1, 2)
+        bias = outer.bias + (a[..., 0, 0] @ inner_bias[..., None])[..., 0].reshape(-1)
         geometry = inner
     return AffineMap(CONV, weight.reshape((-1,) + weight.shape[2:]), bias, groups, geometry.strides,
                      geometry.dilations)
@@ -151,3 +152,9 @@ def compose(outer: AffineMap, inner: AffineMap, inner_is_pointwise: bool) -> Aff
 def multiply_adds(conv: AffineMap) -> int:
     """Multiply-adds per output pixel."""
     return int(np.prod(conv.weight.shape))
+
+
+def composed_multiply_adds(outer: AffineMap, inner: AffineMap, inner_is_pointwise: bool) -> int:
+    """What :func:`compose` would make costs per output pixel, without making it."""
+    kernel = (outer if inner_is_pointwise else inner).weight.shape[2:]
+    return outer.out_channels * inner.in_channels // math.gcd(outer.groups, inner.groups) * int(np.prod(kernel))

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from rvdeploy.graph_edit import node_label, producer
-from rvdeploy.graphfold.chains import CHAIN_OPS, Step, read_step, then
+from rvdeploy.graphfold.chains import CHAIN_OPS, Step, input_channels, read_step, then
 from rvdeploy.graphfold.constants import constant_value, single_reader
 from rvdeploy.graphfold.linear import CONV, GEMM, AffineMap, diagonal_map, identity_map, merge, undilated
 from rvdeploy.graphfold.nodes import NotFoldable, read_batch_norm
@@ -193,8 +193,7 @@ def _gemm_branches(state: FoldState, members: list[Branch]) -> tuple[list[Affine
 def _conv_branches(state: FoldState, members: list[Branch]) -> tuple[list[AffineMap | None], list[Expr]]:
     """Each branch's chain as one conv, dilations made alike (a group with one dilation merges
     dilated; mixed ones merge with their taps spread out), every kernel checked to be centred."""
-    channels = next((read_step(state, b.nodes[-1], None).map.in_channels for b in members
-                     if b.nodes and b.nodes[-1].op != "AveragePool"), None)
+    channels = next((input_channels(b.nodes[-1]) for b in members if b.nodes and b.nodes[-1].op != "AveragePool"), None)
     steps: list[Step | None] = []
     for branch in members:
         step = None

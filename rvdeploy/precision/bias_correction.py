@@ -144,7 +144,10 @@ def _correct_layer(node: gs.Node, shift: np.ndarray, target: str) -> LayerBiasCo
 class BiasCorrector:
     """Corrects the INT8 layers of graphs quantized from one FP32 graph (the guard's candidates): the
     FP32 layer means are measured once, and a layer's shift is measured once per precision of the
-    layers up to it (what it depends on), so candidates that differ only downstream share the passes."""
+    layers up to it (what it depends on), so candidates that differ only downstream share the passes.
+    Asked to reuse, a layer whose upstream precisions are new takes the shift measured for it last
+    (its own rounding error, mostly; the guard's search corrects its candidates so, and the graph it
+    keeps afresh)."""
 
     def __init__(self, fp32: onnx.ModelProto, feeds: list[dict], target: str, what: str = "the INT8 graph",
                  fitted: frozenset[str] = frozenset()) -> None:
@@ -155,11 +158,14 @@ class BiasCorrector:
         self.feeds, self.target, self.what = feeds, target, what
         self.reference = channel_means(fp32, self.ranks, feeds, what)
         self._shifts: dict[tuple, np.ndarray] = {}
+        self._latest: dict[str, np.ndarray] = {}  # by layer: the shift measured for it last
 
-    def correct(self, quantized: onnx.ModelProto, precisions: dict[str, str]) -> tuple[onnx.ModelProto, list[LayerBiasCorrection]]:
+    def correct(self, quantized: onnx.ModelProto, precisions: dict[str, str],
+                reuse: bool = False) -> tuple[onnx.ModelProto, list[LayerBiasCorrection]]:
         """``quantized`` (the target's layout; ``precisions``: each Conv/Gemm's) with the bias of each
         INT8 layer lowered by its mean output error against FP32 on the feeds, layer by layer in graph
-        order, and what changed. A layer whose bias cannot be changed (:func:`_correct_layer`) is left alone."""
+        order, and what changed. A layer whose bias cannot be changed (:func:`_correct_layer`) is left
+        alone. ``reuse``: a layer measured before under other upstream precisions is not measured again."""
         graph = gs.import_onnx(quantized)
         nodes = {node.name: node for node in graph.nodes}
         corrected = _BiasWriter(quantized)  # the protobuf, kept in step with the graph's corrected biases
@@ -170,10 +176,11 @@ class BiasCorrector:
             if upstream[-1] != "int8" or (name in self.fitted and all(p == "int8" for p in upstream)):
                 continue
             key = (name, upstream)
-            if key not in self._shifts:
+            if key not in self._shifts and not (reuse and name in self._latest):
                 means = channel_means(corrected.model, {name: self.ranks[name]}, self.feeds, self.what)
-                self._shifts[key] = means[name] - self.reference[name]
-            correction = _correct_layer(nodes[name], self._shifts[key], self.target)
+                self._shifts[key] = self._latest[name] = means[name] - self.reference[name]
+            shift = self._shifts[key] if key in self._shifts else self._latest[name]  # measured, or reused
+            correction = _correct_layer(nodes[name], shift, self.target)
             if correction is not None:
                 corrections.append(correction)
                 corrected.write(nodes[name])

@@ -86,16 +86,17 @@ def _param(params, index: int):
 
 
 def _fp16_type_vars(node: gs.Node, schema) -> set[str]:
-    """The type variables of ``node``'s schema that bind to its FP32 tensors and admit FP16: what turns
-    FP16 when the node does. Parameters of a fixed type (Resize's scales), integer tensors (shape
-    arithmetic) and their type variables are not among them."""
+    """The type variables of ``node``'s schema that bind to its float tensors (FP32, or FP16 already:
+    GridSample's grid from an FP16 node) and admit FP16: what is FP16 when the node is. Parameters of
+    a fixed type (Resize's scales), integer tensors (shape arithmetic) and their type variables are
+    not among them."""
     fp16 = "tensor(float16)"
     allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
     bound = [(_param(schema.inputs, i), t) for i, t in enumerate(node.inputs)]
     bound += [(_param(schema.outputs, i), t) for i, t in enumerate(node.outputs)]
     return {param.type_str for param, tensor in bound
             if param is not None and fp16 in allowed.get(param.type_str, ()) and not tensor.is_empty()
-            and tensor.dtype == np.float32}
+            and tensor.dtype in (np.float32, np.float16)}
 
 
 def convert_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset(), io_fp16: bool = False) -> onnx.ModelProto:
@@ -113,6 +114,7 @@ def convert_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset(), io_f
     io_dtype = np.float16 if io_fp16 else np.float32
     dtypes = {t.name: t.dtype for t in graph.tensors().values()}  # as written; updated as nodes convert
     casts: dict[tuple[str, type], gs.Variable] = {}
+    halves: dict[str, gs.Constant] = {}  # one FP16 copy per FP32 constant, however many nodes read it
 
     def cast(tensor: gs.Variable, dtype) -> gs.Variable:
         key = (tensor.name, dtype)
@@ -138,8 +140,10 @@ def convert_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset(), io_f
             wanted = np.float16 if param is not None and param.type_str in fp16_vars else np.float32
             if isinstance(tensor, gs.Constant):
                 if tensor.values.dtype == np.float32 and wanted == np.float16:
-                    # A private FP16 copy: a weight shared with an FP32 node keeps its FP32 original.
-                    node.inputs[i] = gs.Constant(f"{tensor.name}_fp16", tensor.values.astype(np.float16))
+                    # An FP16 copy: a weight shared with an FP32 node keeps its FP32 original.
+                    if tensor.name not in halves:
+                        halves[tensor.name] = gs.Constant(f"{tensor.name}_fp16", tensor.values.astype(np.float16))
+                    node.inputs[i] = halves[tensor.name]
             elif dtypes.get(tensor.name) != wanted:
                 node.inputs[i] = cast(tensor, wanted)
         for i, tensor in enumerate(node.outputs):

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -202,6 +203,7 @@ class Int8Report:
     rounding: Rounding | None = None  # None: rounded to nearest
     cpu_format: CpuFormat | None = None  # the onnxruntime target's kernels per layer
     layers: list[LayerRow] = field(default_factory=list)
+    float_by_design: dict[str, int] = field(default_factory=dict)  # compute nodes never quantized, by op
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -214,6 +216,12 @@ class Int8Report:
         return json_safe(data)
 
 
+# What INT8 leaves in float from the start: attention's and tokens' MatMuls, Softmax and the norms
+# (ModelOpt's and TensorRT's guidance keep them in higher precision); rvdeploy quantizes Conv and Gemm.
+FLOAT_BY_DESIGN = ("MatMul", "Einsum", "Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
+                   "GridSample")
+
+
 class _Corrected:
     """Candidate graphs with their INT8 layers' bias corrected, each kept only where correction raises
     its output SQNR on the calibration images; what correction did to each, by its layers out of INT8."""
@@ -221,14 +229,15 @@ class _Corrected:
     def __init__(self, graph: onnx.ModelProto, probe: OutputProbe, target: str, what, fitted: frozenset[str]) -> None:
         self.corrector = BiasCorrector(graph, probe.feeds, target, what, fitted)
         self.probe = probe
-        self.reports: dict[tuple[str, ...], BiasCorrection] = {}
+        self.reports: dict[tuple[tuple[str, ...], bool], BiasCorrection] = {}  # by (layers out of INT8, reused)
 
-    def __call__(self, candidate: MixedGraph) -> MixedGraph:
-        model, layers = self.corrector.correct(candidate.model, candidate.precisions)
+    def __call__(self, candidate: MixedGraph, reuse: bool = False) -> MixedGraph:
+        """``reuse``: shifts measured for earlier candidates stand in where upstream differs (the guard's search)."""
+        model, layers = self.corrector.correct(candidate.model, candidate.precisions, reuse)
         before = candidate.output_sqnr(self.probe)
         corrected = MixedGraph(model, candidate.precisions, before if not layers else None)
         after = corrected.output_sqnr(self.probe)
-        self.reports[_out_of_int8(candidate)] = BiasCorrection(before, after, after > before, layers)
+        self.reports[_out_of_int8(candidate), reuse] = BiasCorrection(before, after, after > before, layers)
         return corrected if after > before else candidate
 
 
@@ -298,19 +307,21 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         if corrected:
             first = corrected(first)  # the sensitivity grafts the uncorrected, nearest-rounded layers, one at a time
 
-        def build(fallback: tuple[str, ...]) -> MixedGraph:
+        def build(fallback: tuple[str, ...], reuse: bool = True) -> MixedGraph:
             candidate = fallback_graph(graph_path, calibration, options.target, fallback, peaks, measured_unsigned,
                                        rounding if rounding and rounding.kept else None)
-            return corrected(candidate) if corrected else candidate
+            return corrected(candidate, reuse) if corrected else candidate
 
         guard_report = None
-        if guarded:
+        if guarded:  # candidates corrected with reused shifts; the one kept corrected afresh, where that measures better
             final, guard_report = fall_back_until_met(model, first, lambda: most_sensitive_first(sensitivity()), build, probe,
-                                                      floor, options.max_top1_drop, scorer)
+                                                      floor, options.max_top1_drop, scorer,
+                                                      refine=(lambda f: build(f, reuse=False)) if corrected else None)
             output_sqnr = guard_report.final_sqnr_db
         else:
             final, output_sqnr = first, first.output_sqnr(probe)
-        bias_correction = corrected.reports[_out_of_int8(final)] if corrected else None
+        reused = bool(guard_report and guard_report.fallback and not guard_report.refined)
+        bias_correction = corrected.reports[_out_of_int8(final), reused] if corrected else None
     by_precision = {p: [n for n, q in final.precisions.items() if q == p] for p in PRECISIONS}
     report = Int8Report(
         target=options.target,
@@ -330,6 +341,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         cpu_format=cpu_format,
         layers=layer_rows(graph, calibration.ranges, equalization if graph is not model or equalization is None
                           or equalization.nothing_to_equalize else None, sqnr, final.precisions, rounding),
+        float_by_design=dict(sorted(Counter(n.op_type for n in graph.graph.node if n.op_type in FLOAT_BY_DESIGN).items())),
     )
     metadata = {
         "precision": "int8",
