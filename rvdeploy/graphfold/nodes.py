@@ -51,24 +51,6 @@ class ConvNode:
     def reference(self, inner: Expr) -> ConvRef:
         return ConvRef(inner, self.weight, self.bias, self.strides, self.pads, self.dilations, self.group, self.auto_pad)
 
-    def centred_same_problem(self) -> str | None:
-        """Why this conv is not a "same" conv with a centred odd kernel (what branch merging
-        needs), or None when it is."""
-        kernel = self.weight.shape[2:]
-        if len(kernel) != 2:
-            return f"a {len(kernel)}-d convolution (only 2-d ones are merged)"
-        if any(k % 2 == 0 for k in kernel):
-            return f"an even kernel {kernel[0]}x{kernel[1]} has no centre"
-        if any(d != 1 for d in self.dilations):
-            return f"dilation {list(self.dilations)}"
-        if self.auto_pad == "VALID":
-            return None if kernel == (1, 1) else "auto_pad VALID on a kernel larger than 1x1 is not 'same' padding"
-        if self.auto_pad.startswith("SAME"):
-            return None if all(s == 1 for s in self.strides) else \
-                f"auto_pad {self.auto_pad} with stride {list(self.strides)} can pad unevenly"
-        centred = tuple((k - 1) // 2 for k in kernel) * 2
-        return None if self.pads == centred else f"pads {list(self.pads)} are not centred ({list(centred)})"
-
 
 def read_conv(node: gs.Node) -> ConvNode:
     weight = _constant(node, 1, "weight")

@@ -12,6 +12,11 @@ A folded group is linear and shift-invariant (plus a bias), so its response on a
 receptive fields wide fixes it (:func:`rvdeploy.probes.window_size`): the window is the corner of the
 captured input (true borders on two sides, its own on the others). The groups are checked on that
 window, on one thread, at a cost set by the kernels rather than by the activations' size.
+
+A fold that moved a norm across reshapes (rvdeploy.graphfold.pre_norm) changes what a tensor of the
+folded graph holds: its MatMul is checked on that tensor as the folded graph computes it, and the
+tensor itself against the input graph's tensor of the same name under the norms (the relation), with
+a budget that adds how far the two graphs' values already are apart where they part.
 """
 
 from __future__ import annotations
@@ -145,15 +150,16 @@ def check_group(folded: Folded, candidate: Expr, fan_in: int, x: np.ndarray, see
 def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[str, Folded],
           options: GraphFoldOptions = GraphFoldOptions()) -> GraphFoldProof:
     """Check each node of ``folded_model`` that a fold made (``folds``, by output tensor) against
-    the original nodes it replaces, on its input captured from ``original``; compare the graphs
-    end to end for the record."""
+    the original nodes it replaces, on its input captured from ``original`` (a fold that moved a norm
+    across reshapes: on the tensor it reads in ``folded_model``, itself checked against
+    ``original``'s tensor of that name by :func:`check_relation`); compare the graphs end to end for
+    the record."""
     feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
     moved = [f for f in folds.values() if f.relation is not None]  # read a tensor the fold changed
     parted = {f.relation.source for f in moved}
     captured = run_with_values(original, feeds, sorted({f.input for f in folds.values() if f.relation is None}
                                                        | {f.relation.tensor for f in moved} | parted), "the input graph")
     after = run_with_values(folded_model, feeds, sorted({f.input for f in moved} | parted), "the folded graph")
-    drift = {f.relation.source: _drift(f, after, captured) for f in moved}
     tensors = gs.import_onnx(folded_model).tensors()
     checks = []
     with one_thread():
@@ -163,7 +169,7 @@ def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[
             checks.append(check_group(folded, candidate, fan_in, window(x, conv), options.seed + 1 + index))
             if folded.relation is not None:
                 checks.append(check_relation(folded, x, rows(captured[folded.relation.tensor], folded.relation.axis),
-                                             drift[folded.relation.source]))
+                                             _drift(folded, after, captured)))
     end_to_end = worst(compare_outputs(after[o.name], captured[o.name]) for o in original.graph.output)
     worst_group = max(checks, key=lambda c: c.ratio, default=None)
     return GraphFoldProof(groups=checks, worst_group=worst_group.name if worst_group else None,
