@@ -58,18 +58,19 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# timm's reference folds (tests/test_graphfold_timm.py; skipped by `make test`). timm needs torchvision, and
+# timm's reference folds (tests/test_graphfold_timm.py) and ultralytics' detectors through every stage
+# (tests/test_real_graphs.py); both skipped by `make test`. timm and ultralytics need torchvision, and
 # PyPI's torchvision does not import beside the CPU torch build: this venv takes torch 2.14.1 with its
 # torchvision 0.29.1 from this machine's disk (a CUDA build, about 5.5 GB, that runs on the CPU).
 TIMM_VENV ?= .venv-timm
 $(TIMM_VENV)/.installed: pyproject.toml
 	test -x $(TIMM_VENV)/bin/python || $(PYTHON) -m venv $(TIMM_VENV)
 	$(TIMM_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(TIMM_VENV)/bin/pip install --quiet --disable-pip-version-check timm -e ".[cpu,dev]"
+	$(TIMM_VENV)/bin/pip install --quiet --disable-pip-version-check timm ultralytics -e ".[cpu,dev]"
 	touch $@
 
 test-timm: $(TIMM_VENV)/.installed
-	$(TIMM_VENV)/bin/python -m pytest -q tests/test_graphfold_timm.py
+	$(TIMM_VENV)/bin/python -m pytest -q tests/test_graphfold_timm.py tests/test_real_graphs.py
 
 # The latency regression gate CI runs after the tests (benchmarks/ci_gate.sh).
 bench-gate: install

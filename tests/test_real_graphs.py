@@ -1,0 +1,141 @@
+"""Real detectors and hybrid nets, built by their own frameworks, through every stage as a new user
+would take them: `fuse` (the graph fold), `quantize --fp16`, `quantize --int8` for both targets
+(at their defaults where that takes minutes, not a quarter of an hour), TensorRT-RTX engines (FP32, FP16, INT8), `bench`, and `eval` refusing a detector.
+
+The nets have random weights with BatchNorm statistics fitted to images (train-mode passes), so
+their activations have the ranges of trained nets; calibration and held-out images are crops of
+scikit-learn's sample photos. Run with `make test-timm` (ultralytics and timm live in .venv-timm).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rvdeploy.compare import sqnr_db
+from rvdeploy.onnx_io import ort_session
+
+from test_cli import assert_one_line_error, run
+
+ultralytics = pytest.importorskip("ultralytics", reason="ultralytics needs torchvision, which does not import beside "
+                                                        "the CPU torch build: run in .venv-timm (make test-timm)")
+
+SIZE = 160
+CALIB, HELD_OUT = 16, 8
+# Held-out output SQNR floors against FP32, by net. RT-DETR's output follows a TopK over its query
+# scores: low-precision noise reorders near-tied queries, so an element-wise SQNR of its outputs says
+# nothing (None: only that every stage succeeds). YOLOv10n reaches 33 dB in FP16 and 16.6 / 16.2 dB in INT8
+# (tensorrt / onnxruntime; the 20 dB floor holds on the 16 calibration images) here, under the 35 and 18 dB its
+# issue asks: these floors guard what is reached today, the goals stay open (issue 16).
+FLOORS = {"yolov10n": {"fp16": 30.0, "int8": 15.0}, "rtdetr-l": None}
+# INT8 options by net: the defaults, except for RT-DETR-L, whose defaults take about 14 minutes a target
+# at 160 px on 2 cores (nearly all of it per-layer bias correction): there the quick path.
+INT8_OPTIONS = {"yolov10n": (), "rtdetr-l": ("--rounding", "nearest", "--min-sqnr", "0", "--no-bias-correction",
+                                             "--no-equalize")}
+RECIPE = ("--mean", "0,0,0", "--std", "1,1,1", "--input-size", str(SIZE), "--resize", str(SIZE))
+MODELS = {"yolov10n": "YOLO", "rtdetr-l": "RTDETR"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Calibration and held-out crops of the sample photos, and the held-out pixels as the graphs take them."""
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path_factory.mktemp("real_images")
+    rng = np.random.default_rng(0)
+    folders = {"calib": root / "calib", "held": root / "held", "labelled": root / "labelled"}
+    pixels = []
+    for folder in (*folders.values(), folders["labelled"] / "a", folders["labelled"] / "b"):
+        folder.mkdir()
+    for i, photo in enumerate(load_sample_images().images * ((CALIB + HELD_OUT) // 2)):
+        top, left = rng.integers(0, photo.shape[0] - SIZE), rng.integers(0, photo.shape[1] - SIZE)
+        crop = photo[top:top + SIZE, left:left + SIZE]
+        folder = folders["calib"] if i < CALIB else folders["held"]
+        Image.fromarray(crop).save(folder / f"{i:03d}.png")
+        if i < 4:  # a labelled folder for eval, two classes of two images
+            Image.fromarray(crop).save(folders["labelled"] / "ab"[i % 2] / f"{i:03d}.png")
+        pixels.append(crop.transpose(2, 0, 1)[None].astype(np.float32) / 255)
+    return folders, pixels[:CALIB], pixels[CALIB:]
+
+
+def _first_output(net: torch.nn.Module) -> torch.nn.Module:
+    class FirstOutput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            y = self.net(x)
+            while isinstance(y, (tuple, list)):
+                y = y[0]
+            return y
+
+    return FirstOutput().eval()
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def unfolded(request, images, tmp_path_factory):
+    """The framework's net, BN fitted to the calibration crops, exported unfolded with a dynamic batch."""
+    _, calib, _ = images
+    torch.manual_seed(0)
+    net = getattr(ultralytics, MODELS[request.param])(f"{request.param}.yaml").model
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(np.concatenate(calib)))
+    path = tmp_path_factory.mktemp(request.param) / f"{request.param}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_first_output(net.eval()), torch.from_numpy(calib[0]), str(path), dynamo=False,
+                          opset_version=17, input_names=["images"], output_names=["output0"],
+                          dynamic_axes={"images": {0: "batch"}})
+    return path
+
+
+def _held_out_sqnr(graph, reference, pixels) -> float:
+    outputs = []
+    for path in (graph, reference):
+        session = ort_session(path)
+        name = session.get_inputs()[0].name
+        outputs.append(np.concatenate([session.run(None, {name: x.astype(
+            np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32)})[0] for x in pixels]))
+    return sqnr_db(outputs[0].astype(np.float32), outputs[1])
+
+
+def test_a_real_graph_through_every_stage(unfolded, images):
+    folders, _, held = images
+    work = unfolded.parent
+    floors = FLOORS[unfolded.stem]
+    plain = work / "plain.onnx"
+    code, stdout, stderr = run("fuse", unfolded, "-o", plain)
+    assert code == 0, stderr
+    assert _held_out_sqnr(plain, unfolded, held) > 80  # the fold changes nothing but rounding
+
+    code, _, stderr = run("quantize", plain, "--fp16", "-o", work / "fp16.onnx")
+    assert code == 0, stderr
+    if floors:
+        assert _held_out_sqnr(work / "fp16.onnx", plain, held) >= floors["fp16"]
+    for target in ("tensorrt", "onnxruntime"):
+        code, stdout, stderr = run("quantize", plain, "--int8", "--target", target, "--calib", folders["calib"],
+                                   *RECIPE, *INT8_OPTIONS[unfolded.stem], "-o", work / f"int8_{target}.onnx")
+        assert code == 0, stderr
+        assert "in float by design" in stdout  # both nets have attention
+        if floors:
+            sqnr = _held_out_sqnr(work / f"int8_{target}.onnx", plain, held)
+            print(f"{unfolded.stem} INT8 {target}: {sqnr:.1f} dB held-out")
+            assert sqnr >= floors["int8"], (target, sqnr)
+
+    for graph, engine in ((plain, "fp32"), (work / "fp16.onnx", "fp16"), (work / "int8_tensorrt.onnx", "int8")):
+        code, stdout, stderr = run("build-engine", graph, "-o", work / f"{engine}.engine", "--backend", "tensorrt-rtx")
+        assert code == 0, (engine, stderr)
+    code, stdout, stderr = run("bench", plain, work / "int8_onnxruntime.onnx", "--backend", "onnxruntime",
+                               "--batch", "1", "--warmup-s", "0", "--min-s", "0.2")
+    assert code == 0, stderr
+    assert_one_line_error(*run("eval", plain, "--data", folders["labelled"], *RECIPE), "no classifier output")
