@@ -16,11 +16,11 @@ the synthetic RepVGG-A0. Run (ultralytics lives in .venv-timm):
 from __future__ import annotations
 
 import argparse
+import importlib
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,40 +47,17 @@ VARIANTS = {  # rvdeploy's extra flags per row
 
 
 def yolov10n(tmp: Path, size: int, calib: Path) -> Path:
-    """YOLOv10n, unfolded export, BN fitted to the calibration images, folded by rvdeploy."""
-    import torch
-    from ultralytics import YOLO
+    """YOLOv10n, unfolded export, BN fitted to the calibration images (as tests/test_real_graphs.py
+    builds it), folded by rvdeploy."""
+    importlib.import_module("ultralytics")  # ImportError here: no ultralytics, RepVGG-A0 instead
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_real_graphs import export_fitted
 
     recipe = Preprocess((size, size), size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    pixels = torch.from_numpy(np.concatenate([x for x, _ in batches(image_folder(calib, recipe, 16), recipe, 16)]))
-    torch.manual_seed(0)
-    net = YOLO("yolov10n.yaml").model
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the fitting batches
-    net.train()
-    with torch.no_grad():
-        for i in range(0, len(pixels), 4):
-            net(pixels[i:i + 4])
-    net.eval()
-
-    class FirstOutput(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            y = self.inner(x)
-            while isinstance(y, (tuple, list)):
-                y = y[0]
-            return y
-
+    pixels = np.concatenate([x for x, _ in batches(image_folder(calib, recipe, 16), recipe, 16)])
     unfolded, folded = tmp / "yolov10n_unfolded.onnx", tmp / "yolov10n.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(FirstOutput(net).eval(), pixels[:1], str(unfolded), dynamo=False, opset_version=17,
-                          input_names=["images"], output_names=["output0"], dynamic_axes={"images": {0: "batch"}})
+    export_fitted("yolov10n", pixels, unfolded)
     subprocess.run([RVDEPLOY, "fuse", str(unfolded), "-o", str(folded)], check=True, capture_output=True)
     return folded
 

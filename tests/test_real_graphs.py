@@ -62,40 +62,46 @@ def images(tmp_path_factory):
     return folders, pixels[:CALIB], pixels[CALIB:]
 
 
-def _first_output(net: torch.nn.Module) -> torch.nn.Module:
-    class FirstOutput(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
+class FirstOutput(torch.nn.Module):
+    """A detector's first output tensor (ultralytics' nets return nested tuples in eval mode)."""
 
-        def forward(self, x):
-            y = self.net(x)
-            while isinstance(y, (tuple, list)):
-                y = y[0]
-            return y
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
 
-    return FirstOutput().eval()
+    def forward(self, x):
+        y = self.net(x)
+        while isinstance(y, (tuple, list)):
+            y = y[0]
+        return y
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def unfolded(request, images, tmp_path_factory):
-    """The framework's net, BN fitted to the calibration crops, exported unfolded with a dynamic batch."""
-    _, calib, _ = images
+def export_fitted(name: str, pixels: np.ndarray, path) -> None:
+    """ultralytics' ``name`` (``yolov10n``, ``rtdetr-l``) from its yaml, random weights with its BN
+    statistics fitted to ``pixels`` (one train-mode pass, a cumulative average), exported unfolded by
+    the TorchScript exporter with a dynamic batch (benchmarks/quantize_time.py builds its net so too)."""
     torch.manual_seed(0)
-    net = getattr(ultralytics, MODELS[request.param])(f"{request.param}.yaml").model
+    net = getattr(ultralytics, MODELS[name])(f"{name}.yaml").model
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
             m.momentum = None
     net.train()
     with torch.no_grad():
-        net(torch.from_numpy(np.concatenate(calib)))
-    path = tmp_path_factory.mktemp(request.param) / f"{request.param}.onnx"
+        net(torch.from_numpy(pixels))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_first_output(net.eval()), torch.from_numpy(calib[0]), str(path), dynamo=False,
+        torch.onnx.export(FirstOutput(net.eval()).eval(), torch.from_numpy(pixels[:1]), str(path), dynamo=False,
                           opset_version=17, input_names=["images"], output_names=["output0"],
                           dynamic_axes={"images": {0: "batch"}})
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def unfolded(request, images, tmp_path_factory):
+    """The framework's net, BN fitted to the calibration crops, exported unfolded."""
+    _, calib, _ = images
+    path = tmp_path_factory.mktemp(request.param) / f"{request.param}.onnx"
+    export_fitted(request.param, np.concatenate(calib), path)
     return path
 
 
