@@ -277,15 +277,14 @@ def fold_linear_norm(state: FoldState) -> int:
         try:
             bn = read_batch_norm(bn_node)
             matmul, carriers = _linear_before(state, bn_node)
-            weight = constant_value(matmul.inputs[1])
-            if weight is None or weight.ndim != 2 or weight.dtype.kind != "f" or weight.shape[1] != bn.gamma.shape[0]:
-                raise NotFoldable(f"{node_label(matmul)}: not a constant matrix with one column per channel")
+            weight, add, index, bias = _matmul_weight(state, matmul)
+            if weight.shape[1] != bn.gamma.shape[0]:
+                raise NotFoldable(f"{node_label(matmul)}: {weight.shape[1]} columns for {bn.gamma.shape[0]} channels")
         except NotFoldable as exc:
             state.leave(bn_node, f"linear+bn not folded: {exc}")
             continue
         label, normalized = node_label(matmul), bn_node.outputs[0].name
-        dtype = weight.dtype
-        weight, add, index, bias = _matmul_weight(state, matmul)
+        dtype = constant_value(matmul.inputs[1]).dtype
         scale, shift = bn.scale_shift()
         folded = AffineMap(GEMM, (weight * scale[None, :]).T, bias * scale + shift)
         source = matmul.inputs[0]
@@ -293,8 +292,7 @@ def fold_linear_norm(state: FoldState) -> int:
         state.bypass(bn_node)
         output = _rewrite_matmul(state, matmul, add, index, folded, dtype)
         reference = bn.reference(GemmRef(Input(), weight.T, bias))
-        rank = len(state.dims(source) or ())
-        state.folded[output.name] = Folded(LINEAR_NORM, label, source.name, reference, folded, tokens=rank - 1,
+        state.folded[output.name] = Folded(LINEAR_NORM, label, source.name, reference, folded, tokens=-1,  # its last axis
                                            relation=Relation(normalized, 1, source.name, reference))
         count += 1
     return count
