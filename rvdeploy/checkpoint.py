@@ -44,6 +44,9 @@ class RawCheckpoint:
     sha256: str
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # the start of torch.save's (zip) format
+
+
 def _describe_load_failure(path: Path, exc: Exception) -> str:
     text = str(exc)
     global_ = re.search(r"(unsupported GLOBAL|Unsupported global:?) (GLOBAL )?([\w.]+)", text)
@@ -54,7 +57,7 @@ def _describe_load_failure(path: Path, exc: Exception) -> str:
         )
     first = first_line(exc)
     with open(path, "rb") as f:
-        zip_archive = f.read(4) == b"PK\x03\x04"  # torch.save's format: a readable start, a broken rest
+        zip_archive = f.read(4) == ZIP_MAGIC  # torch.save's format: a readable start, a broken rest
     if zip_archive or isinstance(exc, (EOFError, zipfile.BadZipFile)) or "central directory" in text:
         return f"{path} is truncated or corrupt ({first})"
     return f"{path} is not a readable PyTorch or safetensors checkpoint ({first})"
@@ -123,10 +126,13 @@ def read_checkpoint(path: str | os.PathLike, key: str | None = None, prefix: str
         tensors, extras = _read_safetensors(path)
         wrapper = None
     else:
+        with open(path, "rb") as f:
+            zip_archive = f.read(4) == ZIP_MAGIC
         try:
             with warnings.catch_warnings():  # torch warns about pickle protocols; the error says enough
                 warnings.simplefilter("ignore")
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                # torch.save's zip format is mapped, not copied: the tensors are pages of the file.
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zip_archive)
         except Exception as exc:  # untrusted bytes: any failure is a bad file, reported in one line
             raise CheckpointError(_describe_load_failure(path, exc)) from None
         tensors, wrapper_dict, wrapper = _unwrap(obj, path, key)

@@ -151,6 +151,19 @@ def build_model(
     return model.eval()
 
 
+def build_block(block: BlockSpec, deploy: bool, state_dict: dict[str, torch.Tensor], bn_eps: float = DEFAULT_BN_EPS,
+                dtype: torch.dtype = torch.float32) -> RepVGGBlock:
+    """One block in eval mode and ``dtype``, with its tensors (``block.name``-prefixed keys of
+    ``state_dict``) loaded strictly: what a block-by-block run of a net builds, one block at a time."""
+    prefix = f"{block.name}."
+    with torch.device("meta"):
+        module = RepVGGBlock(block, deploy, bn_eps)
+    tensors = {k[len(prefix):]: v.to(dtype) if v.is_floating_point() else v
+               for k, v in state_dict.items() if k.startswith(prefix)}
+    module.load_state_dict(tensors, strict=True, assign=True)
+    return module.eval()
+
+
 def expected_shapes(spec: ArchSpec, deploy: bool) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape of the network's state dict, without allocating it."""
     with torch.device("meta"):

@@ -95,13 +95,27 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, full_check: bool 
     """Check ``model`` and write it atomically, byte-deterministically; an existing file is replaced
     only by a complete graph. Over protobuf's 2 GB the weights go to ``OUT.data`` beside it."""
     path = Path(path)
-    if _weight_bytes(model) > _PROTO_LIMIT - _STRUCTURE_MARGIN:
+    data = checked_bytes(model, full_check)
+    if data is None:
         return _save_with_external_data(model, path, full_check)
+    return write_bytes(data, path)
+
+
+def checked_bytes(model: onnx.ModelProto, full_check: bool = False) -> bytes | None:
+    """``model``'s deterministic serialization, checked (the bytes a save writes); None when it is
+    too large for one protobuf (its weights must go to external data)."""
+    if _weight_bytes(model) > _PROTO_LIMIT - _STRUCTURE_MARGIN:
+        return None
     data = model.SerializeToString(deterministic=True)
     onnx.checker.check_model(data, full_check=full_check)  # the bytes written: one serialization, not two
+    return data
+
+
+def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write a serialized graph atomically: an existing file is replaced only by a complete one."""
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
-    return path
+    return Path(path)
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:
@@ -230,29 +244,52 @@ def run_session(session, feed: dict, what: str | os.PathLike, output_names: list
         raise OnnxError(f"ONNX Runtime cannot run {what}: {first_line(exc)}") from None
 
 
-def run_with_values(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str], what: str) -> dict:
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def run_with_values(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str], what: str,
+                    stored: bytes | str | os.PathLike | None = None, threads: int | None = None) -> dict:
     """ONNX Runtime's values (the graph as written, no fusions) of the feeds, the graph outputs and
     ``extra_outputs`` (intermediate tensors, added as outputs for this run only), by name: what a
-    proof captures. A graph over protobuf's 2 GB runs from a temporary file."""
+    proof captures.
+
+    ``stored``: ``model`` as it is stored, its serialization (bytes) or its file, so that it is not
+    serialized again: the added outputs are appended as a second serialized ``graph`` field, which
+    protobuf merges into the first (repeated fields concatenate). A graph over protobuf's 2 GB runs
+    from a temporary file. ``threads``: ONNX Runtime's intra-op threads (default: its own)."""
     present = {o.name for o in model.graph.output} | set(feeds)
     added = [name for name in extra_outputs if name not in present]
-    count = len(model.graph.output)
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
-    try:
-        names = [o.name for o in model.graph.output]
+    names = [o.name for o in model.graph.output] + added
+    is_file = stored is not None and not isinstance(stored, bytes)
+    if is_file and not added:
+        session = ort_session(stored, name=what, optimize=False, threads=threads)  # external data found beside it
+    elif isinstance(stored, bytes) or (is_file and not _has_external_data(model)):
+        data = stored if isinstance(stored, bytes) else Path(stored).read_bytes()
+        suffix = onnx.ModelProto(graph=onnx.GraphProto(output=[onnx.ValueInfoProto(name=n) for n in added]))
+        session = ort_session(data + suffix.SerializeToString() if added else data, name=what, optimize=False,
+                              threads=threads)
+    else:
+        count = len(model.graph.output)
+        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
         try:
-            serialized = model.SerializeToString()
-        except (ValueError, EncodeError):  # over protobuf's 2 GB
-            serialized = None
-        if serialized is not None:
-            values = run_session(ort_session(serialized, name=what, optimize=False), feeds, what, names)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = save_onnx(model, Path(tmp) / "model.onnx")  # its weights in model.onnx.data beside it
-                values = run_session(ort_session(path, name=what, optimize=False), feeds, what, names)
-    finally:
-        del model.graph.output[count:]
-    return {**feeds, **dict(zip(names, values))}
+            session = _session_of(model, what, threads)
+        finally:
+            del model.graph.output[count:]
+    return {**feeds, **dict(zip(names, run_session(session, feeds, what, names)))}
+
+
+def _session_of(model: onnx.ModelProto, what: str, threads: int | None):
+    """A no-fusion session of ``model`` from its serialization, or from a temporary file over 2 GB."""
+    try:
+        serialized = model.SerializeToString()
+    except (ValueError, EncodeError):  # over protobuf's 2 GB
+        serialized = None
+    if serialized is not None:
+        return ort_session(serialized, name=what, optimize=False, threads=threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_onnx(model, Path(tmp) / "model.onnx")  # its weights in model.onnx.data beside it
+        return ort_session(path, name=what, optimize=False, threads=threads)
 
 
 def precision_label(meta: dict, with_target: bool = True) -> str:

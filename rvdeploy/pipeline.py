@@ -15,33 +15,49 @@ are :class:`rvdeploy.errors.RvdeployError` subclasses carrying their exit code.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rvdeploy.bench import BenchSettings, bench_target, merge_reports
-from rvdeploy.checkpoint import load_train_weights, load_weights, save_deploy_weights
-from rvdeploy.compare import Comparison
-from rvdeploy.data import labelled_folder
-from rvdeploy.engine.build import BuildResult, BuildSettings, build_engine
+from rvdeploy.arch import DEFAULT_BN_EPS
 from rvdeploy.errors import RvdeployError
-from rvdeploy.eval import Evaluation, require_classifier, run_evaluation
-from rvdeploy.export import ExportOptions, export_onnx, feature_stages
 from rvdeploy.files import atomic_output
-from rvdeploy.graphfold import GraphFoldOptions, GraphFoldReport, fold_onnx_file
-from rvdeploy.gate import GateResult, check_regression, load_baseline
-from rvdeploy.model import DEFAULT_BN_EPS
-from rvdeploy.precision.fp16 import Fp16Report
-from rvdeploy.precision.quantize import Fp16Options, Int8Options, Int8Report, quantize_fp16, quantize_int8_file
 from rvdeploy.preprocess import Preprocess
-from rvdeploy.reparam import PROBE_SIZE, FoldReport, fuse
-from rvdeploy.report import plot_latency
-from rvdeploy.runners import open_runner
-from rvdeploy.verify import VerifyReport, verify
-from rvdeploy.weights import DeployWeights, TrainWeights
+
+if TYPE_CHECKING:
+    from rvdeploy.bench import BenchSettings
+    from rvdeploy.compare import Comparison
+    from rvdeploy.engine.build import BuildResult, BuildSettings
+    from rvdeploy.eval import Evaluation
+    from rvdeploy.export import ExportOptions
+    from rvdeploy.gate import GateResult
+    from rvdeploy.graphfold import GraphFoldOptions, GraphFoldReport
+    from rvdeploy.precision.fp16 import Fp16Report
+    from rvdeploy.precision.quantize import Fp16Options, Int8Options, Int8Report
+    from rvdeploy.reparam import PROBE_SIZE, FoldReport
+    from rvdeploy.verify import VerifyReport
+    from rvdeploy.weights import DeployWeights, TrainWeights
+
+# Each stage is imported when its function runs: a graph fold never loads torch, and `rvdeploy --help`
+# loads nothing heavy. The stages' option types are this module's attributes all the same (PEP 562).
+_LAZY = {
+    "BenchSettings": "rvdeploy.bench", "BuildSettings": "rvdeploy.engine.build", "ExportOptions": "rvdeploy.export",
+    "Fp16Options": "rvdeploy.precision.quantize", "Int8Options": "rvdeploy.precision.quantize",
+    "Int8Report": "rvdeploy.precision.quantize", "Fp16Report": "rvdeploy.precision.fp16",
+    "GraphFoldOptions": "rvdeploy.graphfold", "GraphFoldReport": "rvdeploy.graphfold", "PROBE_SIZE": "rvdeploy.reparam",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BenchOptions", "BenchSettings", "BuildOptions", "BuildSettings", "EvalOptions", "ExportOptions", "Fp16Options", "Fp16Report",
@@ -62,6 +78,8 @@ class LoadOptions:
     prefix: str | None = None  # a detector's backbone.: only the tensors under it, headless
 
     def load(self, path: str | os.PathLike) -> TrainWeights | DeployWeights:
+        from rvdeploy.checkpoint import load_weights
+
         return load_weights(path, self.arch, self.num_classes, self.key, self.bn_eps, self.prefix)
 
 
@@ -76,23 +94,31 @@ class FuseResult:
 
 
 def fuse_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, load: LoadOptions = LoadOptions(),
-                    probe_size: int = PROBE_SIZE) -> FuseResult:
-    """Fold a training checkpoint, prove the fold block by block, write the fused checkpoint."""
+                    probe_size: int | None = None) -> FuseResult:
+    """Fold a training checkpoint, prove the fold block by block (on probes ``probe_size`` pixels
+    wide, default :data:`rvdeploy.reparam.PROBE_SIZE`), write the fused checkpoint."""
+    from rvdeploy.checkpoint import load_train_weights, save_deploy_weights
+    from rvdeploy.reparam import PROBE_SIZE, fuse
+
     start = time.perf_counter()
     train = load_train_weights(checkpoint, load.arch, load.num_classes, load.key, load.bn_eps, load.prefix)
-    deploy, report = fuse(train, probe_size=probe_size)
+    deploy, report = fuse(train, probe_size=probe_size or PROBE_SIZE)
     save_deploy_weights(deploy, output)
     return FuseResult(train, deploy, report, Path(output), time.perf_counter() - start)
 
 
 def fuse_graph(model: str | os.PathLike, output: str | os.PathLike, options: GraphFoldOptions | None = None) -> GraphFoldReport:
     """Fold the re-parameterizable branch groups of any ONNX graph, prove each group, write the plain graph."""
+    from rvdeploy.graphfold import GraphFoldOptions, fold_onnx_file
+
     return fold_onnx_file(model, output, options or GraphFoldOptions())
 
 
 def describe_checkpoint(checkpoint: str | os.PathLike, input_size: tuple[int, int] | None = None,
                         load: LoadOptions = LoadOptions()) -> dict:
     """Layout, architecture, parameters, MACs and each block's branches, as JSON-ready data."""
+    from rvdeploy.weights import TrainWeights
+
     weights = load.load(checkpoint)
     spec = weights.spec
     size = input_size or (weights.preprocess.input_size if weights.preprocess else (224, 224))
@@ -129,10 +155,15 @@ class ExportResult:
     seconds: float
 
 
-def export_model(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, options: ExportOptions = ExportOptions(),
+def export_model(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, options: ExportOptions | None = None,
                  load: LoadOptions = LoadOptions(), fold: bool = True) -> ExportResult:
     """Write the plain ONNX graph of a training (folded on the way) or fused checkpoint;
-    ``fold=False`` writes a training checkpoint's multi-branch graph."""
+    ``fold=False`` writes a training checkpoint's multi-branch graph. ``options``: default ExportOptions()."""
+    from rvdeploy.export import ExportOptions, export_onnx, feature_stages
+    from rvdeploy.reparam import fuse
+    from rvdeploy.weights import TrainWeights
+
+    options = options or ExportOptions()
     start = time.perf_counter()
     weights = load.load(checkpoint)
     trained = isinstance(weights, TrainWeights)
@@ -149,6 +180,8 @@ def export_model(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, op
 def verify_model(model: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                  load: LoadOptions = LoadOptions()) -> VerifyReport:
     """The graph checks, and with ``checkpoint`` ONNX Runtime against its torch net."""
+    from rvdeploy.verify import verify
+
     return verify(model, load.load(checkpoint) if checkpoint else None)
 
 
@@ -156,6 +189,8 @@ def verify_model(model: str | os.PathLike, checkpoint: str | os.PathLike | None 
 def quantize_model(model: str | os.PathLike, output: str | os.PathLike,
                    options: Fp16Options | Int8Options) -> Fp16Report | Int8Report:
     """Write the FP16 or INT8 graph of the FP32 graph ``model``."""
+    from rvdeploy.precision.quantize import Int8Options, quantize_fp16, quantize_int8_file
+
     if isinstance(options, Int8Options):
         return quantize_int8_file(model, output, options)
     return quantize_fp16(model, output, options)
@@ -164,7 +199,7 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike,
 @dataclass(frozen=True)
 class BuildOptions:
     backend: str = "auto"  # tensorrt, tensorrt-rtx (or trt, rtx); auto prefers TensorRT
-    settings: BuildSettings = BuildSettings()
+    settings: BuildSettings = field(default_factory=lambda: __getattr__("BuildSettings")())
     force: bool = False  # rebuild even when the sidecar records an identical build
     precision: Fp16Options | Int8Options | None = None  # None: FP32
 
@@ -176,8 +211,13 @@ class BuildOutcome:
     precision_report: Fp16Report | Int8Report | None
 
 
-def build(model: str | os.PathLike, output: str | os.PathLike, options: BuildOptions = BuildOptions()) -> BuildOutcome:
-    """Compile ``model`` to a TensorRT engine, after the precision step when one is asked for."""
+def build(model: str | os.PathLike, output: str | os.PathLike, options: BuildOptions | None = None) -> BuildOutcome:
+    """Compile ``model`` to a TensorRT engine, after the precision step when one is asked for
+    (``options``: default BuildOptions())."""
+    from rvdeploy.engine.build import build_engine
+    from rvdeploy.precision.quantize import Int8Options
+
+    options = options or BuildOptions()
     model, output = Path(model), Path(output)
     if not model.is_file():
         raise RvdeployError(f"{model}: no such file")
@@ -223,6 +263,10 @@ class EvalResult:
 def evaluate_models(models: list[str | os.PathLike], data_dir: str | os.PathLike,
                     options: EvalOptions = EvalOptions()) -> EvalResult:
     """Top-1 (and top-5) of each model on the labelled folder ``data_dir``."""
+    from rvdeploy.data import labelled_folder
+    from rvdeploy.eval import require_classifier, run_evaluation
+    from rvdeploy.runners import open_runner
+
     if options.compare and len(models) < 2:
         raise RvdeployError("--compare needs two or more models")
     evaluations = []
@@ -241,7 +285,7 @@ def evaluate_models(models: list[str | os.PathLike], data_dir: str | os.PathLike
 @dataclass(frozen=True)
 class BenchOptions:
     backend: str | None = None  # default: by each target's kind
-    settings: BenchSettings = BenchSettings()
+    settings: BenchSettings = field(default_factory=lambda: __getattr__("BenchSettings")())
     json_out: str | os.PathLike | None = None
     plot: str | os.PathLike | None = None
     baseline: str | os.PathLike | None = None
@@ -260,8 +304,14 @@ class BenchOutcome:
         return bool(self.gate and self.gate.regressions)
 
 
-def bench(targets: list[str | os.PathLike], options: BenchOptions = BenchOptions()) -> BenchOutcome:
-    """Time every target, write the JSON and plot asked for, and gate against the baseline."""
+def bench(targets: list[str | os.PathLike], options: BenchOptions | None = None) -> BenchOutcome:
+    """Time every target, write the JSON and plot asked for, and gate against the baseline
+    (``options``: default BenchOptions())."""
+    from rvdeploy.bench import bench_target, merge_reports
+    from rvdeploy.gate import check_regression, load_baseline
+    from rvdeploy.report import plot_latency
+
+    options = options or BenchOptions()
     # Read the baseline first: a malformed one should not cost a whole run.
     baseline = load_baseline(options.baseline) if options.baseline is not None else None
     report = merge_reports([bench_target(t, options.backend, options.settings, options.progress) for t in targets])

@@ -19,7 +19,7 @@ import torch
 from rvdeploy.arch import BlockSpec
 from rvdeploy.compare import EXTRA_TERMS, SAFETY, U64, compare_outputs, json_safe, relative_error
 from rvdeploy.errors import FoldError
-from rvdeploy.model import RepVGGBlock, SqueezeExcite, build_model
+from rvdeploy.model import RepVGGBlock, SqueezeExcite, build_block, build_model
 from rvdeploy.probes import corner, full_window, one_thread
 from rvdeploy.weights import DeployWeights, TrainWeights
 
@@ -38,7 +38,8 @@ def _bn_scale(bn: dict[str, torch.Tensor], eps: float, name: str) -> torch.Tenso
 def fold_bn(kernel: torch.Tensor, bn: dict[str, torch.Tensor], eps: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``W' = W * gamma / sqrt(var + eps)`` per output channel, ``b' = beta - mean * gamma / sqrt(var + eps)``."""
     scale = _bn_scale(bn, eps, name)
-    return kernel.double() * scale.reshape(-1, 1, 1, 1), bn["bias"].double() - bn["running_mean"].double() * scale
+    folded = kernel.to(torch.float64, copy=True).mul_(scale.reshape(-1, 1, 1, 1))  # one float64 array, not two
+    return folded, bn["bias"].double() - bn["running_mean"].double() * scale
 
 
 def identity_kernel(channels: int, groups: int) -> torch.Tensor:
@@ -80,31 +81,43 @@ def _magnitudes(tensors: dict[str, torch.Tensor], block: BlockSpec, eps: float) 
     """Per output channel, over all branches: the absolute row sum of the folded kernels and the
     size of the bias terms before they cancel, ``|beta| + |mean * scale|``. Rounding errors scale
     with these: a conv output's terms add up to at most ``max|x| * rows + biases``."""
+    p = block.name
+    branches = [(tensors[f"{p}.rbr_dense.conv.weight"], f"{p}.rbr_dense.bn"),
+                (tensors[f"{p}.rbr_1x1.conv.weight"], f"{p}.rbr_1x1.bn")] + ([(None, f"{p}.rbr_identity")] if block.has_identity else [])
     rows, biases = 0, 0
-    for conv, bn in _branch_kernels(tensors, block):
+    for conv, bn in branches:
         stats = _bn_tensors(tensors, bn)
         scale = _bn_scale(stats, eps, bn).abs()
-        rows = rows + scale * conv.abs().sum((1, 2, 3), dtype=torch.float64)
+        # identity: 1 per row. A float32 sum of absolute values is a budget's magnitude, not a result:
+        # its relative rounding (~1e-4) is far inside SAFETY.
+        rows = rows + scale * (1.0 if conv is None else conv.flatten(1).abs().sum(1).double())
         biases = biases + stats["bias"].double().abs() + stats["running_mean"].double().abs() * scale
     return rows, biases
+
+
+def _folded_block(weights: TrainWeights, block: BlockSpec) -> dict[str, torch.Tensor]:
+    """``block`` folded, in float64, under the official deploy names (its SE copied)."""
+    kernel, bias = fold_block(weights.tensors, block, weights.bn_eps)
+    folded = {f"{block.name}.rbr_reparam.weight": kernel, f"{block.name}.rbr_reparam.bias": bias}
+    if block.se_channels:
+        for part in ("down", "up"):
+            for kind in ("weight", "bias"):
+                key = f"{block.name}.se.{part}.{kind}"
+                folded[key] = weights.tensors[key].double()
+    return folded
+
+
+def _head(weights: TrainWeights) -> dict[str, torch.Tensor]:
+    """The classifier, copied (a backbone has none)."""
+    return {} if weights.spec.headless else {f"linear.{k}": weights.tensors[f"linear.{k}"] for k in ("weight", "bias")}
 
 
 def fold(weights: TrainWeights) -> dict[str, torch.Tensor]:
     """Every block folded, in float64, under the official deploy names (SE and classifier copied)."""
     folded: dict[str, torch.Tensor] = {}
     for block in weights.spec.blocks:
-        kernel, bias = fold_block(weights.tensors, block, weights.bn_eps)
-        folded[f"{block.name}.rbr_reparam.weight"] = kernel
-        folded[f"{block.name}.rbr_reparam.bias"] = bias
-        if block.se_channels:
-            for part in ("down", "up"):
-                for kind in ("weight", "bias"):
-                    key = f"{block.name}.se.{part}.{kind}"
-                    folded[key] = weights.tensors[key].double()
-    if not weights.spec.headless:  # a backbone has no classifier
-        for kind in ("weight", "bias"):
-            folded[f"linear.{kind}"] = weights.tensors[f"linear.{kind}"].double()
-    return folded
+        folded.update(_folded_block(weights, block))
+    return folded | {k: v.double() for k, v in _head(weights).items()}
 
 
 @dataclass(frozen=True)
@@ -221,42 +234,46 @@ def _block_probes(x: torch.Tensor, seed: int, stride: int) -> list[torch.Tensor]
     return ([x] if finite else []) + [gaussian * (scale if 0 < scale < math.inf else 1.0)]
 
 
-def check_fold(
-    weights: TrainWeights,
-    folded64: dict[str, torch.Tensor],
-    folded32: dict[str, torch.Tensor],
-    probe_size: int = PROBE_SIZE,
-    batch: int = 2,
-    seed: int = 0,
-) -> FoldReport:
-    """Prove ``folded64`` block by block on a seeded probe batch; compare the whole nets for the record."""
-    start = time.perf_counter()
-    spec, eps, f64 = weights.spec, weights.bn_eps, torch.float64
+def _logits(weights: TrainWeights, x: torch.Tensor) -> torch.Tensor:
+    """What the net makes of its last block's output ``x``, in ``x``'s dtype: the classifier's logits,
+    or ``x`` itself for a headless backbone."""
+    if weights.spec.headless:
+        return x
+    head = {k: v.to(x.dtype) for k, v in _head(weights).items()}
+    return torch.nn.functional.linear(x.mean((2, 3)), head["linear.weight"], head["linear.bias"])
+
+
+def _prove_blocks(weights: TrainWeights, folded64_of, probe_size: int, batch: int, seed: int
+                  ) -> tuple[dict[str, torch.Tensor], list[BlockCheck], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block by block, in execution order: the block's float64 fold (``folded64_of(block)``) checked
+    against its branches on its input, then cast to float32. Both float64 nets run alongside, one
+    block at a time, so no whole float64 copy of either net is ever held. Returns the float32 folded
+    tensors, the checks, the probe and both float64 nets' outputs on it."""
+    spec, f64 = weights.spec, torch.float64
     x = torch.randn(batch, spec.in_channels, probe_size, probe_size, generator=torch.Generator().manual_seed(seed))
-    multi64, fused64 = weights.to_module(f64), build_model(spec, True, folded64, dtype=f64)
+    multi_x, fused_x = x.double(), x.double()
+    folded32: dict[str, torch.Tensor] = {}
+    checks = []
+    with one_thread(), torch.no_grad():  # small convs: one thread, which no busy core can stall. no_grad, not
+        # inference_mode: the float32 tensors made here are the deployed weights, used later under autograd too
+        for index, block in enumerate(spec.blocks):
+            folded64 = folded64_of(block)
+            multi = build_block(block, False, weights.tensors, weights.bn_eps, f64)
+            fused = build_block(block, True, folded64, dtype=f64)
+            checks.append(_check_block(block, multi, fused, _magnitudes(weights.tensors, block, weights.bn_eps),
+                                       _block_probes(multi_x, seed + 1 + index, block.stride)))
+            multi_x, fused_x = multi(multi_x), fused(fused_x)
+            folded32.update((k, v.float()) for k, v in folded64.items())
+        head = {k: v.float() for k, v in _head(weights).items()}
+        return folded32 | head, checks, x, _logits(weights, multi_x), _logits(weights, fused_x)
 
-    inputs: dict[str, torch.Tensor] = {}  # each block's input in the float64 multi-branch run
 
-    def remember(block: RepVGGBlock, args: tuple[torch.Tensor]) -> None:
-        inputs[block.spec.name] = args[0]
-
-    hooks = [multi64.get_submodule(b.name).register_forward_pre_hook(remember) for b in spec.blocks]
-    with torch.inference_mode():
-        reference = multi64(x.double())
-        for hook in hooks:
-            hook.remove()
+def _report(weights: TrainWeights, folded32: dict[str, torch.Tensor], checks: list[BlockCheck], x: torch.Tensor,
+            reference: torch.Tensor, fused64_out: torch.Tensor, start: float) -> FoldReport:
+    """The proof's verdict (the blocks), and how the whole nets compare on the probe (reported)."""
+    with one_thread(), torch.inference_mode():
         multi32 = weights.to_module()(x)
-        fused32 = build_model(spec, True, folded32)(x)
-        fused64_out = fused64(x.double())
-
-    with one_thread():
-        blocks = [
-            _check_block(block, multi64.get_submodule(block.name), fused64.get_submodule(block.name),
-                         _magnitudes(weights.tensors, block, eps),
-                         _block_probes(inputs[block.name], seed + 1 + index, block.stride))
-            for index, block in enumerate(spec.blocks)
-        ]
-
+        fused32 = build_model(weights.spec, True, folded32)(x)
     end_to_end = compare_outputs(fused32, reference, reference32=multi32)
     return FoldReport(
         probe_shape=tuple(x.shape),
@@ -265,21 +282,42 @@ def check_fold(
         float32_rel_error=end_to_end.max_rel_error,
         float64_rel_error=relative_error(fused64_out, reference),
         float32_noise_rel=end_to_end.noise_rel,
-        passed=all(b.passed for b in blocks),
+        passed=all(b.passed for b in checks),
         seconds=time.perf_counter() - start,
-        blocks=tuple(blocks),
+        blocks=tuple(checks),
     )
 
 
+def check_fold(
+    weights: TrainWeights,
+    folded64: dict[str, torch.Tensor],
+    folded32: dict[str, torch.Tensor],
+    probe_size: int = PROBE_SIZE,
+    batch: int = 2,
+    seed: int = 0,
+) -> FoldReport:
+    """Prove ``folded64`` block by block on a seeded probe batch; compare the whole nets (``folded32``
+    for the folded one) for the record."""
+    start = time.perf_counter()
+
+    def of_block(block: BlockSpec) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in folded64.items() if k.startswith(f"{block.name}.")}
+
+    _, checks, x, reference, fused64_out = _prove_blocks(weights, of_block, probe_size, batch, seed)
+    return _report(weights, folded32, checks, x, reference, fused64_out, start)
+
+
 def fuse(weights: TrainWeights, probe_size: int = PROBE_SIZE, probe_batch: int = 2) -> tuple[DeployWeights, FoldReport]:
-    """Fold ``weights`` and prove it; raise :class:`FoldError` when the proof fails."""
-    folded64 = fold(weights)
-    folded32 = {k: v.float() for k, v in folded64.items()}
-    overflow = [k for k, v in folded32.items() if not torch.isfinite(v).all()]
+    """Fold ``weights`` and prove it; raise :class:`FoldError` when the proof fails. Each block is
+    folded in float64, proven and cast to float32 in turn (a whole float64 fold is never held)."""
+    start = time.perf_counter()
+    folded32, checks, x, reference, fused64_out = _prove_blocks(
+        weights, lambda block: _folded_block(weights, block), probe_size, probe_batch, 0)
+    overflow = [k for k, v in folded32.items() if not all(torch.isfinite(m) for m in torch.aminmax(v))]  # NaN included
     if overflow:
         raise FoldError(f"fold of {weights.spec.name} does not fit float32: {overflow[0]} has non-finite values "
                         f"({len(overflow)} tensors in all); check its BN statistics")
-    report = check_fold(weights, folded64, folded32, probe_size, probe_batch)
+    report = _report(weights, folded32, checks, x, reference, fused64_out, start)
     if not report.passed:
         worst = report.worst
         failing = sum(not b.passed for b in report.blocks)

@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from rvdeploy.arch import ArchSpec
 from rvdeploy.model import DEFAULT_BN_EPS, RepVGG, RepVGGBlock
+from rvdeploy.probes import image_like
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def image_like_batch(n: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
-    """``n`` float32 images shaped like a normalised ImageNet batch, but random.
-
-    Natural images are smooth and spatially correlated, their channels move together, and each
-    has its own brightness and contrast; a white-noise batch has none of this, and BN statistics
-    measured on it are not what training measures. Each image is low-resolution noise at two
-    scales, upsampled bilinearly, mostly shared across channels, in [0, 1], then normalised with
-    the ImageNet mean and std (their averages for other channel counts).
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def field(cells: int, depth: int) -> torch.Tensor:
-        low = torch.rand(n, depth, cells, cells, generator=g)
-        return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-
-    shapes = 0.6 * field(max(2, size // 16), 1) + 0.4 * field(max(2, size // 4), 1)  # shared by the channels
-    colour = 0.5 * field(max(2, size // 8), channels) + 0.25
-    pixels = 0.7 * shapes + 0.3 * colour
-    brightness = torch.rand(n, 1, 1, 1, generator=g) * 0.6 - 0.3
-    contrast = torch.rand(n, 1, 1, 1, generator=g) * 2.0 + 0.5
-    pixels = ((pixels - pixels.mean((1, 2, 3), keepdim=True)) * contrast + 0.45 + brightness).clamp(0, 1)
-    mean = IMAGENET_MEAN if channels == 3 else (sum(IMAGENET_MEAN) / 3,) * channels
-    std = IMAGENET_STD if channels == 3 else (sum(IMAGENET_STD) / 3,) * channels
-    return (pixels - torch.tensor(mean).reshape(1, -1, 1, 1)) / torch.tensor(std).reshape(1, -1, 1, 1)
+    """:func:`rvdeploy.probes.image_like` as a torch batch."""
+    return torch.from_numpy(image_like(n, channels, size, seed))
 
 
 def trained_like_state_dict(

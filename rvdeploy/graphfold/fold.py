@@ -43,6 +43,8 @@ def _fold_to_fixed_point(model: onnx.ModelProto) -> FoldState:
         changed = sum(pattern(state) for pattern in PATTERNS)
         graph.cleanup()
         if not changed:
+            for folded in state.folded.values():
+                folded.exact = None  # no fold follows; the float32 weights are in the graph
             return state
 
 

@@ -12,13 +12,13 @@ from rvdeploy.errors import OutputError, first_line
 from rvdeploy.graphfold.fold import fold_model
 from rvdeploy.graphfold.proof import prove
 from rvdeploy.graphfold.results import GraphFoldError, GraphFoldOptions, GraphFoldReport
-from rvdeploy.onnx_io import load_onnx, save_onnx
+from rvdeploy.onnx_io import checked_bytes, load_onnx, save_onnx, write_bytes
 
 
-def save_folded(model: onnx.ModelProto, path: Path) -> Path:
-    """Save ``model`` after onnx's full check; GraphFoldError when the folded graph fails it."""
+def _full_check(check):
+    """``check()``, with onnx's full-check failure as GraphFoldError (nothing is written)."""
     try:
-        return save_onnx(model, path, full_check=True)
+        return check()
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise GraphFoldError(f"the folded graph fails onnx's full check, nothing written: {first_line(exc)}") from None
 
@@ -43,8 +43,10 @@ def fold_onnx_file(input_path: str | os.PathLike, output_path: str | os.PathLike
         raise OutputError(f"{target} is the input file: write the folded graph to another path")
     model = load_onnx(source)
     folded, report, folds = fold_model(model)
+    # Serialized once: checked, run by the proof, written (over 2 GB: checked as it is saved).
+    data = _full_check(lambda: checked_bytes(folded, full_check=True))
     if options.prove and folds:
-        report.proof = prove(model, folded, folds, options)
+        report.proof = prove(model, folded, folds, options, original_stored=source, folded_stored=data)
         if not report.proof.passed:
             failing = [g for g in report.proof.groups if not g.passed]
             worst = max(failing, key=lambda g: g.ratio)
@@ -52,6 +54,9 @@ def fold_onnx_file(input_path: str | os.PathLike, output_path: str | os.PathLike
                 f"graph fold self-check failed for {source.name}: group {worst.name} ({worst.kind}) differs from "
                 f"the nodes it replaces by {worst.max_error:.3g}, {worst.ratio:.3g}x its float32 budget "
                 f"{worst.budget:.3g} ({len(failing)} of {len(report.proof.groups)} groups fail); nothing written")
-    save_folded(folded, target)
+    if data is not None:
+        write_bytes(data, target)
+    else:
+        _full_check(lambda: save_onnx(folded, target, full_check=True))
     report.total_seconds = time.perf_counter() - start
     return report

@@ -22,11 +22,12 @@ a budget that adds how far the two graphs' values already are apart where they p
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import torch
 
 from rvdeploy.compare import EXTRA_TERMS, NOISE_MARGIN, SAFETY, U32, compare_outputs, worst
 from rvdeploy.graphfold.constants import constant_value
@@ -74,14 +75,15 @@ def window(x: np.ndarray, conv: ConvNode | None) -> np.ndarray:
     return corner(x, conv.weight.shape[2:], conv.strides, conv.dilations)
 
 
-def _channel_max(values: torch.Tensor) -> torch.Tensor:
+def _channel_max(values: np.ndarray) -> np.ndarray:
     """The largest value per channel (axis 1)."""
-    return values.transpose(0, 1).reshape(values.shape[1], -1).amax(1)
+    return np.swapaxes(values, 0, 1).reshape(values.shape[1], -1).max(1)
 
 
-def _ratio(error: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    ratio = torch.where(budget > 0, error / budget.clamp_min(1e-300), torch.where(error == 0, 0.0, math.inf))
-    return torch.nan_to_num(ratio, nan=math.inf)
+def _ratio(error: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(budget > 0, error / np.maximum(budget, 1e-300), np.where(error == 0, 0.0, math.inf))
+    return np.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
 
 
 def _drift(folded: Folded, after: dict, captured: dict) -> np.ndarray:
@@ -91,7 +93,7 @@ def _drift(folded: Folded, after: dict, captured: dict) -> np.ndarray:
     apart = np.abs(np.asarray(after[name], np.float64) - captured[name])
     if name == folded.input:
         apart = rows(apart, folded.tokens)
-    return _channel_max(torch.from_numpy(apart)).numpy()
+    return _channel_max(apart)
 
 
 def check_relation(folded: Folded, x: np.ndarray, y: np.ndarray, drift: np.ndarray) -> GroupCheck:
@@ -100,76 +102,82 @@ def check_relation(folded: Folded, x: np.ndarray, y: np.ndarray, drift: np.ndarr
     budget adds what ``drift`` (per channel: how far the two graphs' values are apart where they
     part) becomes through the relation."""
     relation = folded.relation
-    real = torch.from_numpy(np.asarray(x, np.float64))
-    with torch.inference_mode():
-        reference = relation.function.run(real, torch.float64)
-        computed32 = relation.function.run(real, torch.float32).double()
-        terms = relation.function.bound(_channel_max(real.abs())[None])[0]
-        apart = torch.from_numpy(drift)[None]
-        carried = relation.function.bound(apart)[0] - relation.function.bound(torch.zeros_like(apart))[0]
-    error = _channel_max((torch.from_numpy(np.asarray(y, np.float64)) - reference).abs())
+    real = np.asarray(x, np.float64)
+    reference = relation.function.run(real, np.float64)
+    computed32 = relation.function.run(real, np.float32).astype(np.float64)
+    terms = relation.function.bound(_channel_max(np.abs(real))[None])[0]
+    apart = drift[None]
+    carried = relation.function.bound(apart)[0] - relation.function.bound(np.zeros_like(apart))[0]
+    error = _channel_max(np.abs(np.asarray(y, np.float64) - reference))
     rounding = SAFETY * (relation.taps + EXTRA_TERMS) * U32 * terms + carried
-    budget = torch.maximum(NOISE_MARGIN * _channel_max((computed32 - reference).abs()), rounding)
+    budget = np.maximum(NOISE_MARGIN * _channel_max(np.abs(computed32 - reference)), rounding)
     ratios = _ratio(error, budget)
     channel = int(ratios.argmax())
     return GroupCheck(f"{folded.name} (its input as the input graph's {relation.tensor})", folded.kind,
-                      max_error=error[channel].item(), budget=budget[channel].item(), ratio=ratios[channel].item())
+                      max_error=float(error[channel]), budget=float(budget[channel]), ratio=float(ratios[channel]))
 
 
 def check_group(folded: Folded, candidate: Expr, fan_in: int, x: np.ndarray, seed: int) -> GroupCheck:
     """``candidate`` (float32) against ``folded.reference`` (float64) on ``x`` and on one Gaussian
     image of ``x``'s scale (so a group whose real input is dead is tested all the same); the two
     probes run as one batch and are judged apart."""
-    real = torch.from_numpy(np.asarray(x, np.float64))
-    finite = bool(torch.isfinite(real).all())
-    scale = real.std().item() if finite and real.numel() > 1 else 1.0
-    gaussian = torch.randn((1,) + real.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    real = np.asarray(x, np.float64)
+    finite = bool(np.isfinite(real.sum()))
+    scale = float(real.std()) if finite and real.size > 1 else 1.0
+    gaussian = np.random.default_rng(seed).standard_normal((1,) + real.shape[1:])
     gaussian *= scale if 0 < scale < math.inf else 1.0
     probes = [real, gaussian] if finite else [gaussian]
-    batch = torch.cat(probes)
-    with torch.inference_mode():
-        reference = folded.reference.run(batch, torch.float64)
-        original32 = folded.reference.run(batch, torch.float32).double()
-        result = candidate.run(batch, torch.float32).double()
-        terms = folded.reference.bound(torch.stack([_channel_max(p.abs()) for p in probes]))
+    batch = np.concatenate(probes)
+    reference = folded.reference.run(batch, np.float64)
+    original32 = folded.reference.run(batch, np.float32).astype(np.float64)
+    result = candidate.run(batch, np.float32).astype(np.float64)
+    terms = folded.reference.bound(np.stack([_channel_max(np.abs(p)) for p in probes]))
     highest = (-1.0, 0.0, 0.0)  # ratio, error, budget
     start = 0
     for probe, probe_terms in zip(probes, terms):
         part = slice(start, start + probe.shape[0])
         start += probe.shape[0]
-        error = _channel_max((result[part] - reference[part]).abs())
+        error = _channel_max(np.abs(result[part] - reference[part]))
         rounding = SAFETY * (fan_in + EXTRA_TERMS) * U32 * probe_terms
-        budget = torch.maximum(NOISE_MARGIN * _channel_max((original32[part] - reference[part]).abs()), rounding)
+        budget = np.maximum(NOISE_MARGIN * _channel_max(np.abs(original32[part] - reference[part])), rounding)
         ratios = _ratio(error, budget)
         channel = int(ratios.argmax())
-        if ratios[channel].item() > highest[0]:
-            highest = (ratios[channel].item(), error[channel].item(), budget[channel].item())
+        if ratios[channel] > highest[0]:
+            highest = (float(ratios[channel]), float(error[channel]), float(budget[channel]))
     return GroupCheck(folded.name, folded.kind, max_error=highest[1], budget=highest[2], ratio=highest[0])
 
 
 def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[str, Folded],
-          options: GraphFoldOptions = GraphFoldOptions()) -> GraphFoldProof:
+          options: GraphFoldOptions = GraphFoldOptions(), original_stored: bytes | os.PathLike | None = None,
+          folded_stored: bytes | None = None) -> GraphFoldProof:
     """Check each node of ``folded_model`` that a fold made (``folds``, by output tensor) against
-    the original nodes it replaces, on its input captured from ``original`` (a fold that moved a norm
-    across reshapes: on the tensor it reads in ``folded_model``, itself checked against
-    ``original``'s tensor of that name by :func:`check_relation`); compare the graphs end to end for
-    the record."""
+    the original nodes it replaces, on its input as ``folded_model`` computes it (a linear map is
+    checked on any input; this one is realistic), and a fold that moved a norm across reshapes also
+    by its relation to ``original``'s tensor (:func:`check_relation`); compare the graphs end to end
+    for the record. ``original_stored`` (its file or bytes) and ``folded_stored`` (bytes) spare
+    serializing the graphs again for ONNX Runtime."""
     feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
     moved = [f for f in folds.values() if f.relation is not None]  # read a tensor the fold changed
     parted = {f.relation.source for f in moved}
-    captured = run_with_values(original, feeds, sorted({f.input for f in folds.values() if f.relation is None}
-                                                       | {f.relation.tensor for f in moved} | parted), "the input graph")
-    after = run_with_values(folded_model, feeds, sorted({f.input for f in moved} | parted), "the folded graph")
-    tensors = gs.import_onnx(folded_model).tensors()
-    checks = []
-    with one_thread():
-        for index, (output, folded) in enumerate(folds.items()):
-            candidate, fan_in, conv = _candidate(tensors[output].inputs[0])
-            x = rows((after if folded.relation else captured)[folded.input], folded.tokens)
-            checks.append(check_group(folded, candidate, fan_in, window(x, conv), options.seed + 1 + index))
-            if folded.relation is not None:
-                checks.append(check_relation(folded, x, rows(captured[folded.relation.tensor], folded.relation.axis),
-                                             _drift(folded, after, captured)))
+    # The input graph runs beside the rest (ONNX Runtime leaves the GIL), each run on one thread: no
+    # run waits on a thread a busy core has descheduled.
+    with ThreadPoolExecutor(1) as pool:
+        input_run = pool.submit(run_with_values, original, feeds, sorted({f.relation.tensor for f in moved} | parted),
+                                "the input graph", original_stored, 1)
+        after = run_with_values(folded_model, feeds, sorted({f.input for f in folds.values()} | parted),
+                                "the folded graph", folded_stored, 1)
+        tensors = gs.import_onnx(folded_model).tensors()
+        checks = []
+        with one_thread():
+            for index, (output, folded) in enumerate(folds.items()):
+                candidate, fan_in, conv = _candidate(tensors[output].inputs[0])
+                x = rows(after[folded.input], folded.tokens)
+                checks.append(check_group(folded, candidate, fan_in, window(x, conv), options.seed + 1 + index))
+                if folded.relation is not None:
+                    captured = input_run.result()
+                    checks.append(check_relation(folded, x, rows(captured[folded.relation.tensor], folded.relation.axis),
+                                                 _drift(folded, after, captured)))
+        captured = input_run.result()
     end_to_end = worst(compare_outputs(after[o.name], captured[o.name]) for o in original.graph.output)
     worst_group = max(checks, key=lambda c: c.ratio, default=None)
     return GraphFoldProof(groups=checks, worst_group=worst_group.name if worst_group else None,

@@ -3,6 +3,9 @@ graph's own nodes (weights as they were), so the proof can run it in float64 and
 
 A fold of folds composes: a group whose branch was folded earlier holds that branch's expression,
 so every folded node of the output graph is checked against the input graph's nodes alone.
+
+Expressions run in numpy: a proof runs them on windows a few kernels wide, where an im2col matmul
+costs what the window holds, and a graph fold then needs no torch at all.
 """
 
 from __future__ import annotations
@@ -11,19 +14,45 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from numpy.lib.stride_tricks import sliding_window_view
 
 
-def _tensor(values: np.ndarray | None, dtype: torch.dtype, absolute: bool = False) -> torch.Tensor | None:
+def _array(values: np.ndarray | None, dtype: np.dtype, absolute: bool = False) -> np.ndarray | None:
+    """``values`` in ``dtype`` (a weight already of that type is not copied)."""
     if values is None:
         return None
-    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(dtype)
-    return t.abs() if absolute else t
+    array = np.asarray(values).astype(dtype, copy=False)
+    return np.abs(array) if absolute else array
 
 
-def _per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:
+def _per_channel(values: np.ndarray, ndim: int) -> np.ndarray:
     return values.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], dilations: tuple[int, ...]) -> np.ndarray:
+    """The kernel windows of the padded ``x`` (N, C, spatial...): a view [N, C, *out, *kernel]."""
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    view = sliding_window_view(x, spans, axis=tuple(range(2, x.ndim)))
+    return view[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+                + tuple(slice(None, None, d) for d in dilations)]
+
+
+def convolve(x: np.ndarray, weight: np.ndarray, strides: tuple[int, ...], dilations: tuple[int, ...],
+             group: int) -> np.ndarray:
+    """ONNX's Conv (no bias) of the padded ``x``, in ``x``'s dtype: per group one matmul of the
+    kernel windows (im2col), so it costs what the window holds, on BLAS."""
+    n = weight.ndim - 2
+    windows = _windows(x, weight.shape[2:], strides, dilations)
+    batch, channels, out = x.shape[0], x.shape[1], windows.shape[2:2 + n]
+    per_group, per_group_out, taps = channels // group, weight.shape[0] // group, math.prod(weight.shape[2:])
+    # [N, G, Cg, *out, *kernel] → [G, N, *out, Cg, *kernel] → [G, N·out, Cg·kernel]
+    columns = windows.reshape((batch, group, per_group) + out + weight.shape[2:])
+    columns = columns.transpose((1, 0) + tuple(range(3, 3 + n)) + (2,) + tuple(range(3 + n, 3 + 2 * n)))
+    columns = columns.reshape(group, batch * math.prod(out), per_group * taps)
+    kernels = weight.reshape(group, per_group_out, per_group * taps).transpose(0, 2, 1)
+    y = np.matmul(columns, kernels).reshape((group, batch) + out + (per_group_out,))  # [G, N, *out, Og]
+    y = y.transpose((1, 0, 2 + n) + tuple(range(2, 2 + n)))  # [N, G, Og, *out]
+    return np.ascontiguousarray(y.reshape((batch, weight.shape[0]) + out))
 
 
 class Expr:
@@ -32,10 +61,10 @@ class Expr:
     rounding errors scale with), given the largest ``|x|`` per input channel. It needs no
     convolution: each weight enters with its absolute row sum."""
 
-    def run(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def run(self, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         raise NotImplementedError
 
-    def bound(self, x_max: torch.Tensor) -> torch.Tensor:
+    def bound(self, x_max: np.ndarray) -> np.ndarray:
         """``x_max``: [..., C_in] → [..., C_out] (leading axes: one bound per probe)."""
         raise NotImplementedError
 
@@ -46,7 +75,7 @@ class Expr:
 
 class Input(Expr):
     def run(self, x, dtype):
-        return x.to(dtype)
+        return np.asarray(x).astype(dtype, copy=False)
 
     def bound(self, x_max):
         return x_max
@@ -66,8 +95,8 @@ class ConvRef(Expr):
     group: int
     auto_pad: str = "NOTSET"
 
-    def _padding(self, spatial: tuple[int, ...]) -> list[int]:
-        """The pads for this input size (SAME_* depend on it), in F.pad's order (last axis first)."""
+    def _padding(self, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+        """The (begin, end) pads per axis for this input size (SAME_* depend on it)."""
         n = len(spatial)
         begins, ends = list(self.pads[:n]), list(self.pads[n:])
         if self.auto_pad == "VALID":
@@ -78,22 +107,20 @@ class ConvRef(Expr):
                 total = max((math.ceil(size / self.strides[i]) - 1) * self.strides[i] + kernel - size, 0)
                 small = total // 2
                 begins[i], ends[i] = (small, total - small) if self.auto_pad == "SAME_UPPER" else (total - small, small)
-        return [p for i in reversed(range(n)) for p in (begins[i], ends[i])]
-
-    def _apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        conv = (F.conv1d, F.conv2d, F.conv3d)[weight.ndim - 3]
-        x = F.pad(x, self._padding(tuple(x.shape[2:])))
-        return conv(x, weight, bias, self.strides, 0, self.dilations, self.group)
+        return list(zip(begins, ends))
 
     def run(self, x, dtype):
-        return self._apply(self.inner.run(x, dtype), _tensor(self.weight, dtype), _tensor(self.bias, dtype))
+        x = self.inner.run(x, dtype)
+        x = np.pad(x, [(0, 0), (0, 0)] + self._padding(x.shape[2:]))
+        y = convolve(x, _array(self.weight, dtype), self.strides, self.dilations, self.group)
+        return y if self.bias is None else y + _per_channel(_array(self.bias, dtype), y.ndim)
 
     def bound(self, x_max):
-        weight = _tensor(self.weight, torch.float64, True).flatten(2).sum(2)  # [Cout, Cin / group]
-        out_channels, per_group = weight.shape
-        rows = torch.arange(out_channels)[:, None] // (out_channels // self.group) * per_group + torch.arange(per_group)
+        weight = np.abs(np.asarray(self.weight)).reshape(self.weight.shape[:2] + (-1,)).sum(2, dtype=np.float64)
+        out_channels, per_group = weight.shape  # [Cout, Cin / group]
+        rows = np.arange(out_channels)[:, None] // (out_channels // self.group) * per_group + np.arange(per_group)
         total = (weight * self.inner.bound(x_max)[..., rows]).sum(-1)
-        return total if self.bias is None else total + _tensor(self.bias, torch.float64, True)
+        return total if self.bias is None else total + _array(self.bias, np.float64, True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,8 +135,9 @@ class AvgPoolRef(Expr):
     def run(self, x, dtype):
         y = self.inner.run(x, dtype)
         n = len(self.kernel)
-        y = F.pad(y, [p for i in reversed(range(n)) for p in (self.pads[i], self.pads[n + i])])
-        return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1](y, self.kernel, self.strides)
+        y = np.pad(y, [(0, 0), (0, 0)] + [(self.pads[i], self.pads[n + i]) for i in range(n)])
+        windows = _windows(y, self.kernel, self.strides, (1,) * n)
+        return windows.mean(tuple(range(-n, 0)), dtype=dtype)
 
     def bound(self, x_max):
         return self.inner.bound(x_max)  # an average of absolute values never exceeds their largest
@@ -128,11 +156,11 @@ class GemmRef(Expr):
         return y if bias is None else y + bias
 
     def run(self, x, dtype):
-        return self._apply(self.inner.run(x, dtype), _tensor(self.weight, dtype), _tensor(self.bias, dtype))
+        return self._apply(self.inner.run(x, dtype), _array(self.weight, dtype), _array(self.bias, dtype))
 
     def bound(self, x_max):
-        return self._apply(self.inner.bound(x_max), _tensor(self.weight, torch.float64, True),
-                           _tensor(self.bias, torch.float64, True))
+        return self._apply(self.inner.bound(x_max), _array(self.weight, np.float64, True),
+                           _array(self.bias, np.float64, True))
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,13 +174,13 @@ class BatchNormRef(Expr):
 
     def run(self, x, dtype):
         y = self.inner.run(x, dtype)
-        gamma, beta, mean, var = (_per_channel(_tensor(v, dtype), y.ndim) for v in (self.gamma, self.beta, self.mean, self.var))
-        return (y - mean) / torch.sqrt(var + self.eps) * gamma + beta
+        gamma, beta, mean, var = (_per_channel(_array(v, dtype), y.ndim) for v in (self.gamma, self.beta, self.mean, self.var))
+        return (y - mean) / np.sqrt(var + self.eps) * gamma + beta
 
     def bound(self, x_max):
-        gamma, beta, mean, var = (_tensor(v, torch.float64) for v in (self.gamma, self.beta, self.mean, self.var))
-        scale = (gamma / torch.sqrt(var + self.eps)).abs()
-        return scale * self.inner.bound(x_max) + beta.abs() + (mean * scale).abs()
+        gamma, beta, mean, var = (_array(v, np.float64) for v in (self.gamma, self.beta, self.mean, self.var))
+        scale = np.abs(gamma / np.sqrt(var + self.eps))
+        return scale * self.inner.bound(x_max) + np.abs(beta) + np.abs(mean * scale)
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,16 +191,16 @@ class SumRef(Expr):
     constant: np.ndarray
 
     def run(self, x, dtype):
-        total = _per_channel(_tensor(self.constant, dtype), x.ndim)
+        total = _per_channel(_array(self.constant, dtype), x.ndim)
         for coefficient, term in self.terms:
             y = term.run(x, dtype)
-            total = total + _per_channel(_tensor(coefficient, dtype), y.ndim) * y
+            total = total + _per_channel(_array(coefficient, dtype), y.ndim) * y
         return total
 
     def bound(self, x_max):
-        total = _tensor(self.constant, torch.float64, True)
+        total = _array(self.constant, np.float64, True)
         for coefficient, term in self.terms:
-            total = total + _tensor(coefficient, torch.float64, True) * term.bound(x_max)
+            total = total + _array(coefficient, np.float64, True) * term.bound(x_max)
         return total
 
     def on(self, inner):

@@ -14,11 +14,24 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from rvdeploy.graphfold.constants import constant_value
 from rvdeploy.graphfold.linear import GEMM, AffineMap
 from rvdeploy.graph_edit import node_label
 from rvdeploy.graphfold.nodes import ConvNode, read_conv, read_gemm
 from rvdeploy.graphfold.reference import Expr, GemmRef, Input
 from rvdeploy.graphfold.results import FoldableGroup, LeftAlone
+
+# What a later fold can read a folded node through (a sum, a norm, a linear map, a reshape, a scale
+# by a constant). A node read by nothing else (by a ReLU, or gated by an SE) is never folded again,
+# and its float64 weights are not kept.
+FOLDABLE_READERS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Conv", "Gemm", "MatMul", "AveragePool",
+                              "Reshape", "Flatten", "Transpose", "Identity"})
+
+
+def _may_fold_through(reader: gs.Node) -> bool:
+    if reader.op in ("Mul", "Div"):
+        return any(constant_value(t) is not None for t in reader.inputs)
+    return reader.op in FOLDABLE_READERS
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,7 @@ class Folded:
     name: str
     input: str
     reference: Expr
-    exact: AffineMap
+    exact: AffineMap | None  # while folds may follow
     tokens: int | None = None
     relation: Relation | None = None
 
@@ -73,7 +86,7 @@ class FoldState:
         """The Conv ``node`` (NotFoldable when it cannot be folded) and its float64 weight and bias."""
         conv = read_conv(node)
         made = self.folded.get(node.outputs[0].name)
-        if made is not None:
+        if made is not None and made.exact is not None:  # else its float32 weights, as for any node
             return conv, made.exact.weight, made.exact.bias
         bias = np.zeros(conv.weight.shape[0]) if conv.bias is None else np.asarray(conv.bias, np.float64)
         return conv, np.asarray(conv.weight, np.float64), bias
@@ -81,7 +94,7 @@ class FoldState:
     def gemm(self, node: gs.Node) -> tuple[np.ndarray, np.ndarray]:
         """The Gemm ``node``'s float64 weight [N, K] and bias [N]."""
         made = self.folded.get(node.outputs[0].name)
-        if made is not None:
+        if made is not None and made.exact is not None:
             return made.exact.weight, made.exact.bias
         weight, bias = read_gemm(node)
         return weight, np.zeros(weight.shape[0]) if bias is None else bias
@@ -136,7 +149,8 @@ class FoldState:
         node = gs.Node(op, name=name, attrs=attrs, inputs=[source, weight, bias], outputs=[output])
         nodes = self.graph.nodes
         nodes[next(i for i, n in enumerate(nodes) if n is anchor)] = node  # its place keeps the order topological
-        self.folded[output.name] = Folded(kind, name, source.name, reference, folded)
+        foldable_again = any(_may_fold_through(r) for r in output.outputs)
+        self.folded[output.name] = Folded(kind, name, source.name, reference, folded if foldable_again else None)
         self.record(kind, output.name, labels)
         return node
 

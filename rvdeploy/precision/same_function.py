@@ -59,10 +59,12 @@ def _chain(model: onnx.ModelProto, first: onnx.NodeProto, second: onnx.NodeProto
 
 
 def _window(x: np.ndarray, first: onnx.NodeProto) -> np.ndarray:
-    """The corner of the first layer's input that fixes it (3x3 where its kernel_shape is not given)."""
+    """The corner of the first layer's input that fixes the pair (two fields of the first layer's
+    kernel, 3x3 where its kernel_shape is not given)."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
     spatial = x.ndim - 2
-    return corner(x, attrs.get("kernel_shape", [3] * spatial), attrs.get("strides", [1] * spatial), attrs.get("dilations"))
+    return corner(x, attrs.get("kernel_shape", [3] * spatial), attrs.get("strides", [1] * spatial), attrs.get("dilations"),
+                  fields=2)
 
 
 @dataclass(frozen=True)
