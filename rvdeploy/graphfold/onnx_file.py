@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
 
 from rvdeploy.errors import OutputError, first_line
 from rvdeploy.graphfold.fold import fold_model
-from rvdeploy.graphfold.proof import prove
+from rvdeploy.graphfold.proof import input_graph_values, prove
 from rvdeploy.graphfold.results import GraphFoldError, GraphFoldOptions, GraphFoldReport
 from rvdeploy.onnx_io import checked_bytes, load_onnx, save_onnx, write_bytes
 
@@ -42,18 +43,22 @@ def fold_onnx_file(input_path: str | os.PathLike, output_path: str | os.PathLike
     if target.resolve() == source.resolve():
         raise OutputError(f"{target} is the input file: write the folded graph to another path")
     model = load_onnx(source)
-    folded, report, folds = fold_model(model)
-    # Serialized once: checked, run by the proof, written (over 2 GB: checked as it is saved).
-    data = _full_check(lambda: checked_bytes(folded, full_check=True))
-    if options.prove and folds:
-        report.proof = prove(model, folded, folds, options, original_stored=source, folded_stored=data)
-        if not report.proof.passed:
-            failing = [g for g in report.proof.groups if not g.passed]
-            worst = max(failing, key=lambda g: g.ratio)
-            raise GraphFoldError(
-                f"graph fold self-check failed for {source.name}: group {worst.name} ({worst.kind}) differs from "
-                f"the nodes it replaces by {worst.max_error:.3g}, {worst.ratio:.3g}x its float32 budget "
-                f"{worst.budget:.3g} ({len(failing)} of {len(report.proof.groups)} groups fail); nothing written")
+    with ThreadPoolExecutor(1) as pool:
+        # The input graph's run for the proof needs no fold: it runs beside it.
+        input_values = pool.submit(input_graph_values, model, options, source) if options.prove else None
+        folded, report, folds = fold_model(model)
+        # Serialized once: checked, run by the proof, written (over 2 GB: checked as it is saved).
+        data = _full_check(lambda: checked_bytes(folded, full_check=True))
+        if options.prove and folds:
+            report.proof = prove(model, folded, folds, options, original_stored=source, folded_stored=data,
+                                 input_values=input_values)
+    if report.proof is not None and not report.proof.passed:
+        failing = [g for g in report.proof.groups if not g.passed]
+        worst = max(failing, key=lambda g: g.ratio)
+        raise GraphFoldError(
+            f"graph fold self-check failed for {source.name}: group {worst.name} ({worst.kind}) differs from "
+            f"the nodes it replaces by {worst.max_error:.3g}, {worst.ratio:.3g}x its float32 budget "
+            f"{worst.budget:.3g} ({len(failing)} of {len(report.proof.groups)} groups fail); nothing written")
     if data is not None:
         write_bytes(data, target)
     else:

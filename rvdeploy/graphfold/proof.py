@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -147,23 +147,34 @@ def check_group(folded: Folded, candidate: Expr, fan_in: int, x: np.ndarray, see
     return GroupCheck(folded.name, folded.kind, max_error=highest[1], budget=highest[2], ratio=highest[0])
 
 
+def input_graph_values(original: onnx.ModelProto, options: GraphFoldOptions = GraphFoldOptions(),
+                       stored: bytes | os.PathLike | None = None, extra_outputs: list[str] = ()) -> dict:
+    """ONNX Runtime's values of ``original`` on the proof's probe (its outputs and ``extra_outputs``),
+    on one thread: what a fold is compared with end to end. It needs no fold, so a caller may start
+    it beside the fold."""
+    feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
+    return run_with_values(original, feeds, list(extra_outputs), "the input graph", stored, 1)
+
+
 def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[str, Folded],
           options: GraphFoldOptions = GraphFoldOptions(), original_stored: bytes | os.PathLike | None = None,
-          folded_stored: bytes | None = None) -> GraphFoldProof:
+          folded_stored: bytes | None = None, input_values: Future | None = None) -> GraphFoldProof:
     """Check each node of ``folded_model`` that a fold made (``folds``, by output tensor) against
     the original nodes it replaces, on its input as ``folded_model`` computes it (a linear map is
     checked on any input; this one is realistic), and a fold that moved a norm across reshapes also
     by its relation to ``original``'s tensor (:func:`check_relation`); compare the graphs end to end
     for the record. ``original_stored`` (its file or bytes) and ``folded_stored`` (bytes) spare
-    serializing the graphs again for ONNX Runtime."""
+    serializing the graphs again for ONNX Runtime; ``input_values``: :func:`input_graph_values`
+    already started (run again where a relation needs more of the input graph's tensors)."""
     feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
     moved = [f for f in folds.values() if f.relation is not None]  # read a tensor the fold changed
     parted = {f.relation.source for f in moved}
+    extra = sorted({f.relation.tensor for f in moved} | parted)
     # The input graph runs beside the rest (ONNX Runtime leaves the GIL), each run on one thread: no
     # run waits on a thread a busy core has descheduled.
     with ThreadPoolExecutor(1) as pool:
-        input_run = pool.submit(run_with_values, original, feeds, sorted({f.relation.tensor for f in moved} | parted),
-                                "the input graph", original_stored, 1)
+        if input_values is None or extra:
+            input_values = pool.submit(input_graph_values, original, options, original_stored, extra)
         after = run_with_values(folded_model, feeds, sorted({f.input for f in folds.values()} | parted),
                                 "the folded graph", folded_stored, 1)
         tensors = gs.import_onnx(folded_model).tensors()
@@ -174,10 +185,10 @@ def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[
                 x = rows(after[folded.input], folded.tokens)
                 checks.append(check_group(folded, candidate, fan_in, window(x, conv), options.seed + 1 + index))
                 if folded.relation is not None:
-                    captured = input_run.result()
+                    captured = input_values.result()
                     checks.append(check_relation(folded, x, rows(captured[folded.relation.tensor], folded.relation.axis),
                                                  _drift(folded, after, captured)))
-        captured = input_run.result()
+        captured = input_values.result()
     end_to_end = worst(compare_outputs(after[o.name], captured[o.name]) for o in original.graph.output)
     worst_group = max(checks, key=lambda c: c.ratio, default=None)
     return GraphFoldProof(groups=checks, worst_group=worst_group.name if worst_group else None,
