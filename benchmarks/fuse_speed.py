@@ -46,7 +46,7 @@ def main() -> None:
     columns = [("arch", "arch"), ("params_train_m", "train params (M)"), ("checkpoint_mb", "checkpoint (MB)"),
                ("wall_s_median", "wall s (median)"), ("wall_s_min", "min"), ("wall_s_max", "max"), ("runs", "runs")]
     print(write_results(f"fuse_speed_{spec.name}", [row], columns,
-                        "Goal: RepVGG-B3 in <= 15 s wall on the 2-core development machine, load and save included."))
+                        "Goal (issue 18): RepVGG-B3 in <= 5 s wall on the 2-core development machine, load and save included."))
 
 
 if __name__ == "__main__":

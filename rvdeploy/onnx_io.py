@@ -101,14 +101,45 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, full_check: bool 
     return write_bytes(data, path)
 
 
-def checked_bytes(model: onnx.ModelProto, full_check: bool = False) -> bytes | None:
+def checked_bytes(model: onnx.ModelProto, full_check: bool = False, weights_from_arrays: bool = False) -> bytes | None:
     """``model``'s deterministic serialization, checked (the bytes a save writes); None when it is
-    too large for one protobuf (its weights must go to external data)."""
+    too large for one protobuf (its weights must go to external data).
+
+    ``weights_from_arrays``: the large initializers were written from arrays of their declared
+    shape (a graph fold's), so their data is valid by construction: the check runs on
+    :func:`light_copy` instead of a parsed copy of the whole graph (and, with ``full_check``, the
+    copies shape inference makes of it)."""
     if _weight_bytes(model) > _PROTO_LIMIT - _STRUCTURE_MARGIN:
         return None
+    if weights_from_arrays:
+        onnx.checker.check_model(light_copy(model), full_check=full_check)
+        return model.SerializeToString(deterministic=True)
     data = model.SerializeToString(deterministic=True)
     onnx.checker.check_model(data, full_check=full_check)  # the bytes written: one serialization, not two
     return data
+
+
+LIGHT_COPY_ELEMENTS = 4096  # initializers up to this many elements are copied: shape tensors are small
+
+
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its large float initializers declared as graph inputs of their type and shape
+    instead of copied: what shape inference and the checker need of a graph of gigabytes, at the
+    cost of its nodes."""
+    graph = model.graph
+
+    def large(t: onnx.TensorProto) -> bool:
+        return math.prod(t.dims) > LIGHT_COPY_ELEMENTS and t.data_type == onnx.TensorProto.FLOAT
+
+    inputs = {i.name for i in graph.input}  # an old IR lists its initializers as inputs too
+    declared = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                for t in graph.initializer if large(t) and t.name not in inputs]
+    light = onnx.helper.make_graph(list(graph.node), graph.name, list(graph.input) + declared, list(graph.output),
+                                   [t for t in graph.initializer if not large(t)], value_info=list(graph.value_info))
+    copy = onnx.helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
+    copy.functions.extend(model.functions)
+    copy.metadata_props.extend(model.metadata_props)
+    return copy
 
 
 def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
@@ -244,10 +275,6 @@ def run_session(session, feed: dict, what: str | os.PathLike, output_names: list
         raise OnnxError(f"ONNX Runtime cannot run {what}: {first_line(exc)}") from None
 
 
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
 def run_with_values(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str], what: str,
                     stored: bytes | str | os.PathLike | None = None, threads: int | None = None) -> dict:
     """ONNX Runtime's values (the graph as written, no fusions) of the feeds, the graph outputs and
@@ -261,15 +288,20 @@ def run_with_values(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str
     present = {o.name for o in model.graph.output} | set(feeds)
     added = [name for name in extra_outputs if name not in present]
     names = [o.name for o in model.graph.output] + added
-    is_file = stored is not None and not isinstance(stored, bytes)
-    if is_file and not added:
+    session = None
+    if stored is not None and not isinstance(stored, bytes) and not added:
         session = ort_session(stored, name=what, optimize=False, threads=threads)  # external data found beside it
-    elif isinstance(stored, bytes) or (is_file and not _has_external_data(model)):
+    elif stored is not None:
         data = stored if isinstance(stored, bytes) else Path(stored).read_bytes()
         suffix = onnx.ModelProto(graph=onnx.GraphProto(output=[onnx.ValueInfoProto(name=n) for n in added]))
-        session = ort_session(data + suffix.SerializeToString() if added else data, name=what, optimize=False,
-                              threads=threads)
-    else:
+        try:
+            session = ort_session(data + suffix.SerializeToString() if added else data, name=what, optimize=False,
+                                  threads=threads)
+        except OnnxError:
+            if isinstance(stored, bytes):
+                raise
+            # A file whose weights lie beside it cannot run from its bytes: from the model, below.
+    if session is None:
         count = len(model.graph.output)
         model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
         try:

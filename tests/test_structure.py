@@ -96,3 +96,19 @@ def test_help_loads_no_stage_library():
         result = subprocess.run([sys.executable, "-c", probe, *args, "--help"], capture_output=True, text=True, check=True)
         assert "Usage:" in result.stdout
         assert result.stdout.strip().splitlines()[-1] == "loaded:", (args, result.stdout.strip().splitlines()[-1])
+
+
+def test_a_graph_fold_loads_no_torch(tmp_path):
+    """`rvdeploy fuse MODEL.onnx` folds, proves and writes without importing torch (its proof runs in
+    numpy): a user with only the ONNX file does not pay torch's start-up."""
+    import subprocess
+    import sys
+
+    source = Path(__file__).resolve().parents[1] / "models" / "foreign" / "mobileone_tiny.onnx"
+    probe = ("import sys\nfrom rvdeploy.cli import main\nsys.argv[0] = 'rvdeploy'\n"
+             "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+             "print('torch loaded:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe, "fuse", str(source), "-o", str(tmp_path / "plain.onnx")],
+                            capture_output=True, text=True, check=True)
+    assert "self-check" in result.stdout and "passed" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "torch loaded: False"

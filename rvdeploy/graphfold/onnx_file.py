@@ -47,8 +47,9 @@ def fold_onnx_file(input_path: str | os.PathLike, output_path: str | os.PathLike
         # The input graph's run for the proof needs no fold: it runs beside it.
         input_values = pool.submit(input_graph_values, model, options, source) if options.prove else None
         folded, report, folds = fold_model(model)
-        # Serialized once: checked, run by the proof, written (over 2 GB: checked as it is saved).
-        data = _full_check(lambda: checked_bytes(folded, full_check=True))
+        # Serialized once: run by the proof, written (over 2 GB: checked as it is saved). Its weights
+        # come from the fold's arrays: the full check runs on its structure (rvdeploy.onnx_io.light_copy).
+        data = _full_check(lambda: checked_bytes(folded, full_check=True, weights_from_arrays=True))
         if options.prove and folds:
             report.proof = prove(model, folded, folds, options, original_stored=source, folded_stored=data,
                                  input_values=input_values)

@@ -37,10 +37,23 @@ def _windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], d
                 + tuple(slice(None, None, d) for d in dilations)]
 
 
+# Weights are converted (to float64, to absolute values) this many bytes at a time: the same small
+# buffers again and again instead of a fresh copy of each kernel, whose page faults cost more than
+# the arithmetic on a window.
+CHUNK_BYTES = 1 << 22
+
+
+def _blocks(count: int, item_bytes: int):
+    """Slices of ``range(count)`` of about :data:`CHUNK_BYTES` each (items of ``item_bytes``)."""
+    step = max(1, CHUNK_BYTES // max(item_bytes, 1))
+    return (slice(start, start + step) for start in range(0, count, step))
+
+
 def convolve(x: np.ndarray, weight: np.ndarray, strides: tuple[int, ...], dilations: tuple[int, ...],
              group: int) -> np.ndarray:
-    """ONNX's Conv (no bias) of the padded ``x``, in ``x``'s dtype: per group one matmul of the
-    kernel windows (im2col), so it costs what the window holds, on BLAS."""
+    """ONNX's Conv (no bias) of the padded ``x``, in ``x``'s dtype (``weight`` converted to it a
+    block at a time): per group one matmul of the kernel windows (im2col), so it costs what the
+    window holds, on BLAS."""
     n = weight.ndim - 2
     windows = _windows(x, weight.shape[2:], strides, dilations)
     batch, channels, out = x.shape[0], x.shape[1], windows.shape[2:2 + n]
@@ -49,10 +62,17 @@ def convolve(x: np.ndarray, weight: np.ndarray, strides: tuple[int, ...], dilati
     columns = windows.reshape((batch, group, per_group) + out + weight.shape[2:])
     columns = columns.transpose((1, 0) + tuple(range(3, 3 + n)) + (2,) + tuple(range(3 + n, 3 + 2 * n)))
     columns = columns.reshape(group, batch * math.prod(out), per_group * taps)
-    kernels = weight.reshape(group, per_group_out, per_group * taps).transpose(0, 2, 1)
-    y = np.matmul(columns, kernels).reshape((group, batch) + out + (per_group_out,))  # [G, N, *out, Og]
-    y = y.transpose((1, 0, 2 + n) + tuple(range(2, 2 + n)))  # [N, G, Og, *out]
-    return np.ascontiguousarray(y.reshape((batch, weight.shape[0]) + out))
+    kernels = weight.reshape(group, per_group_out, per_group * taps)
+    y = np.empty((group, columns.shape[1], per_group_out), x.dtype)  # [G, N·out, Og]
+    row_bytes = per_group * taps * x.dtype.itemsize
+    if group == 1:
+        for rows in _blocks(per_group_out, row_bytes):
+            y[0, :, rows] = columns[0] @ kernels[0, rows].astype(x.dtype, copy=False).T
+    else:
+        for groups in _blocks(group, per_group_out * row_bytes):
+            y[groups] = np.matmul(columns[groups], kernels[groups].astype(x.dtype, copy=False).transpose(0, 2, 1))
+    y = y.reshape((group, batch) + out + (per_group_out,)).transpose((1, 0, 2 + n) + tuple(range(2, 2 + n)))
+    return np.ascontiguousarray(y.reshape((batch, weight.shape[0]) + out))  # [N, G·Og, *out]
 
 
 class Expr:
@@ -112,15 +132,17 @@ class ConvRef(Expr):
     def run(self, x, dtype):
         x = self.inner.run(x, dtype)
         x = np.pad(x, [(0, 0), (0, 0)] + self._padding(x.shape[2:]))
-        y = convolve(x, _array(self.weight, dtype), self.strides, self.dilations, self.group)
+        y = convolve(x, np.asarray(self.weight), self.strides, self.dilations, self.group)
         return y if self.bias is None else y + _per_channel(_array(self.bias, dtype), y.ndim)
 
     def bound(self, x_max):
         # The taps' absolute sums in float32 at least (a bound's magnitude: its ~1e-7 rounding is nothing
         # beside SAFETY), then float64: a float64 reduction of float32 values is several times slower.
-        weight = np.asarray(self.weight)
-        taps = np.abs(weight).reshape(weight.shape[:2] + (-1,)).sum(2, dtype=np.promote_types(weight.dtype, np.float32))
-        weight = taps.astype(np.float64)
+        kernel = np.asarray(self.weight)
+        kernel = kernel.reshape(kernel.shape[:2] + (-1,))
+        weight = np.empty(kernel.shape[:2])
+        for rows in _blocks(kernel.shape[0], kernel[0].nbytes):
+            weight[rows] = np.abs(kernel[rows]).sum(2, dtype=np.promote_types(kernel.dtype, np.float32))
         out_channels, per_group = weight.shape  # [Cout, Cin / group]
         rows = np.arange(out_channels)[:, None] // (out_channels // self.group) * per_group + np.arange(per_group)
         total = (weight * self.inner.bound(x_max)[..., rows]).sum(-1)

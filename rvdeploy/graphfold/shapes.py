@@ -2,38 +2,22 @@
 target computed from ``Shape`` → ``Gather`` → ``Concat`` is seen through): what tracking a channel
 axis through reshapes needs.
 
-The inference runs on a light copy of the graph: large float initializers are declared as graph
-inputs of their shape instead of copied, so a graph of gigabytes costs what its nodes cost."""
+The inference runs on :func:`rvdeploy.onnx_io.light_copy` of the graph, so a graph of gigabytes
+costs what its nodes cost."""
 
 from __future__ import annotations
 
 import onnx
-from onnx import TensorProto
 
-_COPIED = 4096  # initializers up to this many elements are kept: shape tensors are small
+from rvdeploy.onnx_io import light_copy
 
 Dim = int | str | None  # a size, a symbol (equal symbols are equal sizes), or unknown
 
 
-def _elements(tensor: TensorProto) -> int:
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    return count
-
-
 def tensor_dims(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...]]:
     """Every tensor whose rank shape inference finds, by name; empty when inference fails."""
-    graph = model.graph
-    kept = [t for t in graph.initializer if _elements(t) <= _COPIED or t.data_type != TensorProto.FLOAT]
-    declared = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                for t in graph.initializer if _elements(t) > _COPIED and t.data_type == TensorProto.FLOAT]
-    light = onnx.helper.make_graph(list(graph.node), graph.name, list(graph.input) + declared, list(graph.output),
-                                   kept, value_info=list(graph.value_info))
-    copy = onnx.helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
-    copy.functions.extend(model.functions)
     try:
-        inferred = onnx.shape_inference.infer_shapes(copy, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light_copy(model), data_prop=True)
     except Exception:  # noqa: BLE001 - an op inference does not know: no shapes, reshapes stay unfolded
         return {}
     dims = {}
