@@ -42,38 +42,38 @@ def fold_bn(kernel: torch.Tensor, bn: dict[str, torch.Tensor], eps: float, name:
     return folded, bn["bias"].double() - bn["running_mean"].double() * scale
 
 
-def identity_kernel(channels: int, groups: int) -> torch.Tensor:
-    """The 3x3 grouped kernel that copies its input: 1 at ``[i, i mod (C/groups), 1, 1]``."""
-    per_group = channels // groups
-    kernel = torch.zeros(channels, per_group, 3, 3, dtype=torch.float64)
-    rows = torch.arange(channels)
-    kernel[rows, rows % per_group, 1, 1] = 1.0
-    return kernel
-
-
 def _bn_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k: tensors[f"{prefix}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")}
 
 
-def _branch_kernels(tensors: dict[str, torch.Tensor], block: BlockSpec) -> list[tuple[torch.Tensor, str]]:
-    """Each branch of ``block`` as (its conv kernel, the prefix of its BN): 3x3, 1x1, identity."""
-    p = block.name
-    branches = [(tensors[f"{p}.rbr_dense.conv.weight"], f"{p}.rbr_dense.bn"),
-                (tensors[f"{p}.rbr_1x1.conv.weight"], f"{p}.rbr_1x1.bn")]
-    if block.has_identity:
-        branches.append((identity_kernel(block.in_channels, block.groups), f"{p}.rbr_identity"))
-    return branches
+def identity_taps(channels: int, groups: int) -> torch.Tensor:
+    """Where the identity's 1 sits in each output channel's 3x3 grouped kernel: its input channel
+    within the group, ``i mod (C/groups)`` (at the centre tap)."""
+    return torch.arange(channels) % (channels // groups)
+
+
+def identity_kernel(channels: int, groups: int) -> torch.Tensor:
+    """The 3x3 grouped kernel that copies its input: 1 at ``[i, identity_taps(i), 1, 1]``."""
+    kernel = torch.zeros(channels, channels // groups, 3, 3, dtype=torch.float64)
+    kernel[torch.arange(channels), identity_taps(channels, groups), 1, 1] = 1.0
+    return kernel
 
 
 def fold_block(tensors: dict[str, torch.Tensor], block: BlockSpec, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float64 3x3 kernel and bias equivalent to ``block``'s three branches."""
-    (dense, dense_bn), *others = _branch_kernels(tensors, block)
-    kernel, bias = fold_bn(dense, _bn_tensors(tensors, dense_bn), eps, dense_bn)  # a fresh tensor: added to in place
-    for conv, bn in others:
-        k, b = fold_bn(conv, _bn_tensors(tensors, bn), eps, bn)
-        start = (3 - k.shape[-1]) // 2  # the 1x1 kernel is the centre of a 3x3 one
-        kernel[:, :, start:start + k.shape[-2], start:start + k.shape[-1]] += k
-        bias = bias + b
+    """The float64 3x3 kernel and bias equivalent to ``block``'s three branches. The identity's BN
+    scale is added at its taps, not as a dense kernel that is all zeros but one tap per channel."""
+    p = block.name
+    dense_bn, one_bn = f"{p}.rbr_dense.bn", f"{p}.rbr_1x1.bn"
+    kernel, bias = fold_bn(tensors[f"{p}.rbr_dense.conv.weight"], _bn_tensors(tensors, dense_bn), eps, dense_bn)
+    centre, centre_bias = fold_bn(tensors[f"{p}.rbr_1x1.conv.weight"], _bn_tensors(tensors, one_bn), eps, one_bn)
+    kernel[:, :, 1:2, 1:2] += centre  # the 1x1 kernel is the centre of a 3x3 one (kernel: a fresh tensor)
+    bias = bias + centre_bias
+    if block.has_identity:
+        name = f"{p}.rbr_identity"
+        bn = _bn_tensors(tensors, name)
+        scale = _bn_scale(bn, eps, name)
+        kernel[torch.arange(block.in_channels), identity_taps(block.in_channels, block.groups), 1, 1] += scale
+        bias = bias + bn["bias"].double() - bn["running_mean"].double() * scale
     return kernel, bias
 
 
@@ -307,9 +307,11 @@ def check_fold(
     return _report(weights, folded32, checks, x, reference, fused64_out, start)
 
 
-def fuse(weights: TrainWeights, probe_size: int = PROBE_SIZE, probe_batch: int = 2) -> tuple[DeployWeights, FoldReport]:
+def fuse(weights: TrainWeights, probe_size: int = PROBE_SIZE, probe_batch: int = 1) -> tuple[DeployWeights, FoldReport]:
     """Fold ``weights`` and prove it; raise :class:`FoldError` when the proof fails. Each block is
-    folded in float64, proven and cast to float32 in turn (a whole float64 fold is never held)."""
+    folded in float64, proven and cast to float32 in turn (a whole float64 fold is never held). The
+    blocks are checked on one image's corner and a Gaussian window, so one probe image
+    (``probe_batch``) is all they need; more only widen the end-to-end record."""
     start = time.perf_counter()
     folded32, checks, x, reference, fused64_out = _prove_blocks(
         weights, lambda block: _folded_block(weights, block), probe_size, probe_batch, 0)

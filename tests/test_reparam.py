@@ -165,7 +165,7 @@ def test_fused_net_matches_multi_branch_net(small_spec, small_state):
     assert torch.allclose(got, expected, rtol=0, atol=2e-5 * expected.abs().max().item())
     assert report.passed and len(report.blocks) == len(small_spec.blocks)
     assert report.float64_rel_error < 1e-12 and report.max_rel_error < 1e-5
-    assert report.probe_shape == (2, 3, 40, 40)
+    assert report.probe_shape == (1, 3, 40, 40)
 
 
 def _perturb(key: str, change):
@@ -193,14 +193,11 @@ def test_self_check_catches_a_wrong_fold(small_spec, small_state, mistake, block
 
 def _identity_one_in_the_wrong_channel(channels: int, groups: int) -> torch.Tensor:
     """A plausible bug: the 1 at ``i // groups`` instead of ``i mod (C/groups)``: right for groups 1 only."""
-    kernel = torch.zeros(channels, channels // groups, 3, 3, dtype=torch.float64)
-    rows = torch.arange(channels)
-    kernel[rows, rows // groups, 1, 1] = 1.0
-    return kernel
+    return torch.arange(channels) // groups
 
 
 def test_wrong_identity_kernel_in_a_grouped_conv_is_refused(monkeypatch, small_spec, small_state, tmp_path):
-    monkeypatch.setattr(reparam, "identity_kernel", _identity_one_in_the_wrong_channel)
+    monkeypatch.setattr(reparam, "identity_taps", _identity_one_in_the_wrong_channel)
     grouped = [b.name for b in small_spec.blocks if b.groups > 1 and b.has_identity]
     with pytest.raises(FoldError, match=r"block (stage\S+) differs from its own branches by .* budget") as caught:
         fuse(TrainWeights(small_spec, small_state))
