@@ -4,7 +4,9 @@ Identity aliases (the TorchScript exporter aliases equal parameters through Iden
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 # Constant's value attributes other than ``value`` (a tensor), and the dtype each stands for.
 _CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
@@ -75,3 +77,26 @@ def single_reader(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
     if tensor.name in graph_outputs or len(tensor.outputs) != 1:
         return None
     return tensor.outputs[0]
+
+
+_VIEWABLE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                       onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL})
+
+
+class _ViewedValues(LazyValues):
+    """An initializer's values as a read-only view of the one copy of its raw data that protobuf
+    hands out (graphsurgeon's own load copies it again): a graph's weights cost their size once. No
+    fold writes into a weight; it makes new arrays."""
+
+    def load(self):
+        if self.tensor.HasField("raw_data") and self.tensor.data_type in _VIEWABLE:
+            return onnx.numpy_helper.to_array(self.tensor)
+        return super().load()
+
+
+def view_initializers(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Make ``graph``'s initializers (imported from ``model``) load as :class:`_ViewedValues`."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Constant) and name in initializers:
+            tensor.values = _ViewedValues(initializers[name])

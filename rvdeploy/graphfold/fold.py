@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from rvdeploy.graph_edit import export_like
 from rvdeploy.graphfold.chains import fold_conv_chain
 from rvdeploy.graphfold.constant_subgraphs import fold_constant_subgraphs
-from rvdeploy.graphfold.constants import remove_constant_aliases
+from rvdeploy.graphfold.constants import remove_constant_aliases, view_initializers
 from rvdeploy.graphfold.parallel import fold_parallel
 from rvdeploy.graphfold.patterns import fold_bn_gemm, fold_conv_bn
 from rvdeploy.graphfold.pre_norm import fold_linear_norm, fold_pre_norm
@@ -32,6 +32,7 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 def _fold_to_fixed_point(model: onnx.ModelProto) -> FoldState:
     """Every pattern applied to ``model``'s graph (imported, so ``model`` is not changed) until none applies."""
     graph = gs.import_onnx(model)
+    view_initializers(graph, model)
     remove_constant_aliases(graph)
     evaluated = fold_constant_subgraphs(graph)
     graph.cleanup()
