@@ -2,9 +2,10 @@
 
 The fold is done in float64 and cast to float32 once. Every fuse proves itself block by block:
 each folded conv (with its SE and ReLU) runs against that block's own branches, in float64, on the
-corner of the block's real input that fixes its conv (a few receptive fields wide) and on a
-Gaussian probe of the same scale, and must agree within a rounding bound that depends on that
-block alone. A whole deep net can be chaotic on a probe (its float32 and float64 outputs differ by
+corner of the block's real input that fixes its conv (one receptive field plus one stride less
+one wide) and on a Gaussian probe of the same scale, and must agree within a rounding bound that
+depends on that block alone. Blocks are folded, proven and cast one at a time, the float64 nets run
+alongside block by block, so no float64 copy of a whole net is held. A whole deep net can be chaotic on a probe (its float32 and float64 outputs differ by
 O(1)), so the end-to-end difference is reported, never judged.
 """
 

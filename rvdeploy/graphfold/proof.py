@@ -1,6 +1,7 @@
-"""The fold proves itself: every folded node of the output graph, run in float32 on its own input
-(captured from ONNX Runtime running the input graph on a seeded probe), must agree with the
-original nodes it replaces, run in float64, within what float32 explains for that group alone.
+"""The fold proves itself: every folded node of the output graph, run in float32 on its input
+(captured from ONNX Runtime running the folded graph on a seeded probe: a linear map is checked on
+any input, and this one is realistic), must agree with the original nodes it replaces, run in
+float64, within what float32 explains for that group alone.
 
 The budget per output channel is the larger of (a) ``NOISE_MARGIN`` times how far the original
 nodes themselves, in float32, are from float64 on that input, and (b) the worst-case rounding of
@@ -8,10 +9,11 @@ a float32 dot product as long as the folded node's fan-in (+ ``EXTRA_TERMS``), r
 of the absolute terms before they cancel (the idea of ``rvdeploy.reparam.check_fold``). The whole
 graphs are compared end to end for the record only: a deep net can be chaotic on a probe.
 
-A folded group is linear and shift-invariant (plus a bias), so its response on a window a few
-receptive fields wide fixes it (:func:`rvdeploy.probes.window_size`): the window is the corner of the
-captured input (true borders on two sides, its own on the others). The groups are checked on that
-window, on one thread, at a cost set by the kernels rather than by the activations' size.
+A folded group is linear and shift-invariant (plus a bias), so its response on a window one
+receptive field plus one stride less one wide fixes it (:func:`rvdeploy.probes.window_size`): the
+window is the corner of the captured input (true borders on two sides, its own on the others). The
+groups are checked on that window, in numpy, on one thread, at a cost set by the kernels rather than
+by the activations' size; the input graph's run (for the end-to-end record) goes beside them.
 
 A fold that moved a norm across reshapes (rvdeploy.graphfold.pre_norm) changes what a tensor of the
 folded graph holds: its MatMul is checked on that tensor as the folded graph computes it, and the
