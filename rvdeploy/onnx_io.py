@@ -98,7 +98,9 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, full_check: bool 
     data = checked_bytes(model, full_check)
     if data is None:
         return _save_with_external_data(model, path, full_check)
-    return write_bytes(data, path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return path
 
 
 def checked_bytes(model: onnx.ModelProto, full_check: bool = False, weights_from_arrays: bool = False) -> bytes | None:
@@ -140,13 +142,6 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy.functions.extend(model.functions)
     copy.metadata_props.extend(model.metadata_props)
     return copy
-
-
-def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write a serialized graph atomically: an existing file is replaced only by a complete one."""
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:
@@ -276,7 +271,8 @@ def run_session(session, feed: dict, what: str | os.PathLike, output_names: list
 
 
 def run_with_values(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str], what: str,
-                    stored: bytes | str | os.PathLike | None = None, threads: int | None = None) -> dict:
+                    stored: bytes | str | os.PathLike | None = None, threads: int | None = None,
+                    scratch: bool = False) -> dict:
     """ONNX Runtime's values (the graph as written, no fusions) of the feeds, the graph outputs and
     ``extra_outputs`` (intermediate tensors, added as outputs for this run only), by name: what a
     proof captures.
@@ -284,16 +280,26 @@ def run_with_values(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str
     ``stored``: ``model`` as it is stored, its serialization (bytes) or its file, so that it is not
     serialized again: the added outputs are appended as a second serialized ``graph`` field, which
     protobuf merges into the first (repeated fields concatenate). A graph over protobuf's 2 GB runs
-    from a temporary file. ``threads``: ONNX Runtime's intra-op threads (default: its own)."""
+    from a temporary file. ``threads``: ONNX Runtime's intra-op threads (default: its own).
+    ``scratch``: ``stored`` is a file of the caller's own that may be appended to: the added outputs
+    are appended to it while ONNX Runtime loads it, then cut off (its bytes are never copied here)."""
     present = {o.name for o in model.graph.output} | set(feeds)
     added = [name for name in extra_outputs if name not in present]
     names = [o.name for o in model.graph.output] + added
     session = None
+    suffix = onnx.ModelProto(graph=onnx.GraphProto(output=[onnx.ValueInfoProto(name=n) for n in added]))
     if stored is not None and not isinstance(stored, bytes) and not added:
         session = ort_session(stored, name=what, optimize=False, threads=threads)  # external data found beside it
+    elif scratch and stored is not None:
+        size = os.path.getsize(stored)
+        with open(stored, "ab") as f:
+            f.write(suffix.SerializeToString())
+        try:
+            session = ort_session(stored, name=what, optimize=False, threads=threads)
+        finally:
+            os.truncate(stored, size)
     elif stored is not None:
         data = stored if isinstance(stored, bytes) else Path(stored).read_bytes()
-        suffix = onnx.ModelProto(graph=onnx.GraphProto(output=[onnx.ValueInfoProto(name=n) for n in added]))
         try:
             session = ort_session(data + suffix.SerializeToString() if added else data, name=what, optimize=False,
                                   threads=threads)

@@ -79,9 +79,9 @@ def _two_step_graph() -> onnx.ModelProto:
 
 
 def test_values_of_a_stored_graph_with_outputs_added(tmp_path):
-    """From its bytes or its file, the added outputs appended as a second serialized graph field
-    (protobuf merges it into the first): the same values as from a fresh serialization, and the
-    model itself unchanged."""
+    """From its bytes or its file (or a scratch file, appended to and cut back), the added outputs
+    appended as a second serialized graph field (protobuf merges it into the first): the same values
+    as from a fresh serialization, and the model itself unchanged."""
     model = _two_step_graph()
     path = tmp_path / "g.onnx"
     path.write_bytes(model.SerializeToString())
@@ -92,6 +92,10 @@ def test_values_of_a_stored_graph_with_outputs_added(tmp_path):
     for stored in (model.SerializeToString(), path):
         values = run_with_values(model, feeds, ["h", "r"], "the graph", stored=stored, threads=1)
         assert all(np.array_equal(values[k], fresh[k]) for k in ("h", "r", "y"))
+    written = path.read_bytes()
+    scratch = run_with_values(model, feeds, ["h", "r"], "the graph", stored=path, threads=1, scratch=True)
+    assert all(np.array_equal(scratch[k], fresh[k]) for k in ("h", "r", "y"))
+    assert path.read_bytes() == written  # the outputs appended for the run are cut off again
     outputs_only = run_with_values(model, feeds, [], "the graph", stored=path)
     assert set(outputs_only) == {"x", "y"} and np.array_equal(outputs_only["y"], fresh["y"])
     assert [o.name for o in model.graph.output] == ["y"]

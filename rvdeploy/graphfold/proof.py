@@ -32,7 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from rvdeploy.compare import EXTRA_TERMS, NOISE_MARGIN, SAFETY, U32, compare_outputs, worst
-from rvdeploy.graphfold.constants import constant_value
+from rvdeploy.graphfold.constants import constant_value, view_initializers
 from rvdeploy.graphfold.fold import fold_model
 from rvdeploy.graphfold.nodes import ConvNode, read_conv, read_gemm
 from rvdeploy.graphfold.reference import Expr, GemmRef, Input
@@ -160,14 +160,15 @@ def input_graph_values(original: onnx.ModelProto, options: GraphFoldOptions = Gr
 
 def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[str, Folded],
           options: GraphFoldOptions = GraphFoldOptions(), original_stored: bytes | os.PathLike | None = None,
-          folded_stored: bytes | None = None, input_values: Future | None = None) -> GraphFoldProof:
+          folded_stored: bytes | os.PathLike | None = None, input_values: Future | None = None) -> GraphFoldProof:
     """Check each node of ``folded_model`` that a fold made (``folds``, by output tensor) against
     the original nodes it replaces, on its input as ``folded_model`` computes it (a linear map is
     checked on any input; this one is realistic), and a fold that moved a norm across reshapes also
     by its relation to ``original``'s tensor (:func:`check_relation`); compare the graphs end to end
-    for the record. ``original_stored`` (its file or bytes) and ``folded_stored`` (bytes) spare
-    serializing the graphs again for ONNX Runtime; ``input_values``: :func:`input_graph_values`
-    already started (run again where a relation needs more of the input graph's tensors)."""
+    for the record. ``original_stored`` (its file or bytes) and ``folded_stored`` (its bytes, or a
+    scratch file of it that the run may append to and cut back) spare serializing the graphs again
+    for ONNX Runtime; ``input_values``: :func:`input_graph_values` already started (run again where a
+    relation needs more of the input graph's tensors)."""
     feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
     moved = [f for f in folds.values() if f.relation is not None]  # read a tensor the fold changed
     parted = {f.relation.source for f in moved}
@@ -178,8 +179,10 @@ def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[
         if input_values is None or extra:
             input_values = pool.submit(input_graph_values, original, options, original_stored, extra)
         after = run_with_values(folded_model, feeds, sorted({f.input for f in folds.values()} | parted),
-                                "the folded graph", folded_stored, 1)
-        tensors = gs.import_onnx(folded_model).tensors()
+                                "the folded graph", folded_stored, 1, scratch=not isinstance(folded_stored, bytes))
+        graph = gs.import_onnx(folded_model)
+        view_initializers(graph, folded_model)
+        tensors = graph.tensors()
         checks = []
         with one_thread():
             for index, (output, folded) in enumerate(folds.items()):
