@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -32,25 +33,27 @@ def load_onnx(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelP
     path = Path(path)
     if not path.is_file():
         raise OnnxError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
-    try:
-        model = onnx.load(str(path), load_external_data=load_weights)
-    except onnx.checker.ValidationError as exc:  # onnx.load's error for an external-data file it cannot read
-        raise OnnxError(f"{path}: its external data cannot be read ({first_line(exc)})") from None
-    except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError) as exc:
-        raise OnnxError(f"{path} is not an ONNX model ({first_line(exc)})") from None
-    if not model.graph.node:
-        raise OnnxError(f"{path} is not an ONNX model (no graph nodes)")
-    if not model.graph.input or not model.graph.output:
-        raise OnnxError(f"{path} is not a usable ONNX model (its graph has no inputs or no outputs)")
-    not_text = _first_non_text(model)
-    if not_text:
-        raise OnnxError(f"{path} is not a valid ONNX graph: {not_text} is not UTF-8 text")
-    try:
-        # From the path: faster than re-serializing the loaded model, and a model over 2 GB has no
-        # single protobuf to check.
-        onnx.checker.check_model(str(path))
-    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-        raise OnnxError(f"{path} is not a valid ONNX graph: {first_line(exc)}") from None
+    # The checker reads the file itself, beside the load (it leaves the GIL): from the path, since
+    # re-serializing the loaded model would cost more, and a model over 2 GB has no single protobuf.
+    with ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(onnx.checker.check_model, str(path))
+        try:
+            model = onnx.load(str(path), load_external_data=load_weights)
+        except onnx.checker.ValidationError as exc:  # onnx.load's error for an external-data file it cannot read
+            raise OnnxError(f"{path}: its external data cannot be read ({first_line(exc)})") from None
+        except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError) as exc:
+            raise OnnxError(f"{path} is not an ONNX model ({first_line(exc)})") from None
+        if not model.graph.node:
+            raise OnnxError(f"{path} is not an ONNX model (no graph nodes)")
+        if not model.graph.input or not model.graph.output:
+            raise OnnxError(f"{path} is not a usable ONNX model (its graph has no inputs or no outputs)")
+        not_text = _first_non_text(model)
+        if not_text:
+            raise OnnxError(f"{path} is not a valid ONNX graph: {not_text} is not UTF-8 text")
+        try:
+            checked.result()
+        except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
+            raise OnnxError(f"{path} is not a valid ONNX graph: {first_line(exc)}") from None
     check_metadata(read_metadata(model), path)
     return model
 
