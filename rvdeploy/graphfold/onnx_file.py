@@ -10,10 +10,10 @@ from pathlib import Path
 import onnx
 
 from rvdeploy.errors import OutputError, first_line
+from rvdeploy.files import atomic_output
 from rvdeploy.graphfold.fold import fold_model
 from rvdeploy.graphfold.proof import input_graph_values, prove
 from rvdeploy.graphfold.results import GraphFoldError, GraphFoldOptions, GraphFoldProof, GraphFoldReport
-from rvdeploy.files import atomic_output
 from rvdeploy.onnx_io import checked_bytes, load_onnx, save_onnx
 
 
