@@ -310,27 +310,27 @@ def run_with_values(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str
             if isinstance(stored, bytes):
                 raise
             # A file whose weights lie beside it cannot run from its bytes: from the model, below.
-    if session is None:
-        count = len(model.graph.output)
-        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
-        try:
-            session = _session_of(model, what, threads)
-        finally:
-            del model.graph.output[count:]
-    return {**feeds, **dict(zip(names, run_session(session, feeds, what, names)))}
+    if session is not None:
+        return {**feeds, **dict(zip(names, run_session(session, feeds, what, names)))}
+    count = len(model.graph.output)
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+    try:
+        return {**feeds, **dict(zip(names, _run_serialized(model, feeds, what, names, threads)))}
+    finally:
+        del model.graph.output[count:]
 
 
-def _session_of(model: onnx.ModelProto, what: str, threads: int | None):
-    """A no-fusion session of ``model`` from its serialization, or from a temporary file over 2 GB."""
+def _run_serialized(model: onnx.ModelProto, feeds: dict, what: str, names: list[str], threads: int | None) -> list:
+    """``model`` run without fusions from its serialization, or from a temporary file over 2 GB."""
     try:
         serialized = model.SerializeToString()
     except (ValueError, EncodeError):  # over protobuf's 2 GB
         serialized = None
     if serialized is not None:
-        return ort_session(serialized, name=what, optimize=False, threads=threads)
+        return run_session(ort_session(serialized, name=what, optimize=False, threads=threads), feeds, what, names)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_onnx(model, Path(tmp) / "model.onnx")  # its weights in model.onnx.data beside it
-        return ort_session(path, name=what, optimize=False, threads=threads)
+        return run_session(ort_session(path, name=what, optimize=False, threads=threads), feeds, what, names)
 
 
 def precision_label(meta: dict, with_target: bool = True) -> str:

@@ -199,7 +199,7 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike,
 @dataclass(frozen=True)
 class BuildOptions:
     backend: str = "auto"  # tensorrt, tensorrt-rtx (or trt, rtx); auto prefers TensorRT
-    settings: BuildSettings = field(default_factory=lambda: __getattr__("BuildSettings")())
+    settings: BuildSettings = field(default_factory=lambda: importlib.import_module("rvdeploy.engine.build").BuildSettings())
     force: bool = False  # rebuild even when the sidecar records an identical build
     precision: Fp16Options | Int8Options | None = None  # None: FP32
 
@@ -285,7 +285,7 @@ def evaluate_models(models: list[str | os.PathLike], data_dir: str | os.PathLike
 @dataclass(frozen=True)
 class BenchOptions:
     backend: str | None = None  # default: by each target's kind
-    settings: BenchSettings = field(default_factory=lambda: __getattr__("BenchSettings")())
+    settings: BenchSettings = field(default_factory=lambda: importlib.import_module("rvdeploy.bench").BenchSettings())
     json_out: str | os.PathLike | None = None
     plot: str | os.PathLike | None = None
     baseline: str | os.PathLike | None = None

@@ -5,8 +5,9 @@ each folded conv (with its SE and ReLU) runs against that block's own branches, 
 corner of the block's real input that fixes its conv (one receptive field plus one stride less
 one wide) and on a Gaussian probe of the same scale, and must agree within a rounding bound that
 depends on that block alone. Blocks are folded, proven and cast one at a time, the float64 nets run
-alongside block by block, so no float64 copy of a whole net is held. A whole deep net can be chaotic on a probe (its float32 and float64 outputs differ by
-O(1)), so the end-to-end difference is reported, never judged.
+alongside block by block, so no float64 copy of a whole net is held. A whole deep net can be
+chaotic on a probe (its float32 and float64 outputs differ by O(1)), so the end-to-end difference
+is reported, never judged.
 """
 
 from __future__ import annotations
@@ -53,13 +54,6 @@ def identity_taps(channels: int, groups: int) -> torch.Tensor:
     return torch.arange(channels) % (channels // groups)
 
 
-def identity_kernel(channels: int, groups: int) -> torch.Tensor:
-    """The 3x3 grouped kernel that copies its input: 1 at ``[i, identity_taps(i), 1, 1]``."""
-    kernel = torch.zeros(channels, channels // groups, 3, 3, dtype=torch.float64)
-    kernel[torch.arange(channels), identity_taps(channels, groups), 1, 1] = 1.0
-    return kernel
-
-
 def fold_block(tensors: dict[str, torch.Tensor], block: BlockSpec, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 3x3 kernel and bias equivalent to ``block``'s three branches. The identity's BN
     scale is added at its taps, not as a dense kernel that is all zeros but one tap per channel."""
@@ -84,7 +78,9 @@ def _magnitudes(tensors: dict[str, torch.Tensor], block: BlockSpec, eps: float) 
     with these: a conv output's terms add up to at most ``max|x| * rows + biases``."""
     p = block.name
     branches = [(tensors[f"{p}.rbr_dense.conv.weight"], f"{p}.rbr_dense.bn"),
-                (tensors[f"{p}.rbr_1x1.conv.weight"], f"{p}.rbr_1x1.bn")] + ([(None, f"{p}.rbr_identity")] if block.has_identity else [])
+                (tensors[f"{p}.rbr_1x1.conv.weight"], f"{p}.rbr_1x1.bn")]
+    if block.has_identity:
+        branches.append((None, f"{p}.rbr_identity"))
     rows, biases = 0, 0
     for conv, bn in branches:
         stats = _bn_tensors(tensors, bn)

@@ -13,7 +13,7 @@ from rvdeploy.checkpoint import load_train_weights
 from rvdeploy.cli import main
 from rvdeploy.errors import FOLD_FAILED_EXIT, FoldError
 from rvdeploy.model import RepVGGBlock, build_model
-from rvdeploy.reparam import check_fold, fold, fold_block, fuse, identity_kernel
+from rvdeploy.reparam import check_fold, fold, fold_block, fuse, identity_taps
 from rvdeploy.synthetic import image_like_batch
 from rvdeploy.weights import TrainWeights
 
@@ -83,13 +83,12 @@ def test_block_fold_is_exact(case):
     assert (got - expected).abs().max().item() <= 1e-11 * max(scale, 1.0)
 
 
-def test_identity_kernel_layout():
-    k = identity_kernel(6, 2)  # 3 input channels per group
-    assert k.shape == (6, 3, 3, 3)
-    assert k.sum() == 6
-    for i in range(6):
-        assert k[i, i % 3, 1, 1] == 1
-    # As a grouped conv it copies its input.
+def test_identity_taps_copy_the_input():
+    taps = identity_taps(6, 2)  # 3 input channels per group
+    assert taps.tolist() == [0, 1, 2, 0, 1, 2]
+    k = torch.zeros(6, 3, 3, 3, dtype=torch.float64)
+    k[torch.arange(6), taps, 1, 1] = 1.0
+    # As a grouped conv the kernel with a 1 at each tap copies its input.
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     assert torch.equal(torch.nn.functional.conv2d(x, k, padding=1, groups=2), x)
 
