@@ -7,6 +7,8 @@ in training form, ``rbr_reparam`` in deploy form, ``se.down`` / ``se.up`` and ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,11 +146,16 @@ def build_model(
     """
     if state_dict is None:
         return RepVGG(spec, deploy=deploy, bn_eps=bn_eps).to(dtype).eval()
+    return _loaded(lambda: RepVGG(spec, deploy=deploy, bn_eps=bn_eps), state_dict, dtype)
+
+
+def _loaded(make: Callable[[], nn.Module], state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """``make()`` built on the meta device, then given ``state_dict``'s tensors (in ``dtype``) strictly."""
     with torch.device("meta"):
-        model = RepVGG(spec, deploy=deploy, bn_eps=bn_eps)
+        module = make()
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)
-    return model.eval()
+    module.load_state_dict(tensors, strict=True, assign=True)
+    return module.eval()
 
 
 def build_block(block: BlockSpec, deploy: bool, state_dict: dict[str, torch.Tensor], bn_eps: float = DEFAULT_BN_EPS,
@@ -156,12 +163,8 @@ def build_block(block: BlockSpec, deploy: bool, state_dict: dict[str, torch.Tens
     """One block in eval mode and ``dtype``, with its tensors (``block.name``-prefixed keys of
     ``state_dict``) loaded strictly: what a block-by-block run of a net builds, one block at a time."""
     prefix = f"{block.name}."
-    with torch.device("meta"):
-        module = RepVGGBlock(block, deploy, bn_eps)
-    tensors = {k[len(prefix):]: v.to(dtype) if v.is_floating_point() else v
-               for k, v in state_dict.items() if k.startswith(prefix)}
-    module.load_state_dict(tensors, strict=True, assign=True)
-    return module.eval()
+    tensors = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return _loaded(lambda: RepVGGBlock(block, deploy, bn_eps), tensors, dtype)
 
 
 def expected_shapes(spec: ArchSpec, deploy: bool) -> dict[str, tuple[int, ...]]:

@@ -150,12 +150,11 @@ def check_group(folded: Folded, candidate: Expr, fan_in: int, x: np.ndarray, see
 
 
 def input_graph_values(original: onnx.ModelProto, options: GraphFoldOptions = GraphFoldOptions(),
-                       stored: bytes | os.PathLike | None = None, extra_outputs: list[str] = ()) -> dict:
-    """ONNX Runtime's values of ``original`` on the proof's probe (its outputs and ``extra_outputs``),
-    on one thread: what a fold is compared with end to end. It needs no fold, so a caller may start
-    it beside the fold."""
+                       stored: bytes | os.PathLike | None = None) -> dict:
+    """ONNX Runtime's values of ``original``'s outputs on the proof's probe, on one thread: what a
+    fold is compared with end to end. It needs no fold, so a caller may start it beside the fold."""
     feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
-    return run_with_values(original, feeds, list(extra_outputs), "the input graph", stored, 1)
+    return run_with_values(original, feeds, [], "the input graph", stored, 1)
 
 
 def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[str, Folded],
@@ -177,7 +176,7 @@ def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[
     # run waits on a thread a busy core has descheduled.
     with ThreadPoolExecutor(1) as pool:
         if input_values is None or extra:
-            input_values = pool.submit(input_graph_values, original, options, original_stored, extra)
+            input_values = pool.submit(run_with_values, original, feeds, extra, "the input graph", original_stored, 1)
         after = run_with_values(folded_model, feeds, sorted({f.input for f in folds.values()} | parted),
                                 "the folded graph", folded_stored, 1, scratch=not isinstance(folded_stored, bytes))
         graph = gs.import_onnx(folded_model)

@@ -95,7 +95,7 @@ class Expr:
 
 class Input(Expr):
     def run(self, x, dtype):
-        return np.asarray(x).astype(dtype, copy=False)
+        return _array(x, dtype)
 
     def bound(self, x_max):
         return x_max
