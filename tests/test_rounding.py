@@ -78,9 +78,10 @@ def test_closed_form_noise_is_the_direct_one():
     assert grams.energy == pytest.approx(np.square(y.astype(np.float64)).sum())
 
 
-def test_inverse_factor_is_the_cholesky_factor_of_the_inverse():
+@pytest.mark.parametrize("groups", [1, 3])  # one LAPACK triangular inverse; a batched inverse
+def test_inverse_factor_is_the_cholesky_factor_of_the_inverse(groups):
     rng = np.random.default_rng(2)
-    a = rng.standard_normal((3, 20, 50))
+    a = rng.standard_normal((groups, 20, 50))
     hessian = a @ a.transpose(0, 2, 1) + np.eye(20)
     upper = gptq.inverse_factor(hessian)
     assert np.allclose(upper, np.triu(upper))

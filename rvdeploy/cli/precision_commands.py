@@ -11,7 +11,8 @@ from rvdeploy.cli.options import backend_choice, bn_eps_option, recipe_from, rec
 from rvdeploy.cli.render import console, print_json
 from rvdeploy.errors import RvdeployError
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.choices import DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING, METHODS, ROUNDINGS, TARGETS
+from rvdeploy.precision.choices import (DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING, METHODS, ROUNDINGS,
+                                        SENSITIVITY_IMAGES, TARGETS)
 
 
 def precision_options(command):
@@ -173,7 +174,8 @@ def _number(value: float | None, digits: str = ".3g") -> str:
 def layer_table(report) -> Table:
     """The per-layer report: block, spreads, input range, SQNR alone, each rounding's layer SQNR (when
     adaptive rounding ran), precision; the node name maps TensorRT layers back."""
-    table = Table(title="INT8 per layer (SQNR alone: output SQNR with only that layer in INT8)")
+    table = Table(title="INT8 per layer (SQNR alone: output SQNR with only that layer in INT8, on the first "
+                        f"{SENSITIVITY_IMAGES} images)")
     rounded = report.rounding is not None
     headings = ["block", "op", "weight spread before → after", "input range", "SQNR alone dB"]
     headings += ["layer SQNR dB nearest → adaptive"] if rounded else []

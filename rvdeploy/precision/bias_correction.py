@@ -3,15 +3,16 @@
 Rounding weights and activations shifts each layer's output mean: E[INT8 output] - E[FP32 output]
 is not zero per channel, and equalization, which moves weight ranges around, makes the shift larger.
 The shift measured on the calibration images is subtracted from the layer's bias, layer by layer in
-graph order, each shift measured with the corrections before it applied (one pass per layer, over
-the graph up to that layer). Measuring every layer in one pass instead double-counts: a layer's
-shift then includes what its upstream layers' corrections remove. On the equalized digits model
-(tensorrt layout, 256 calibration images), held-out logit SQNR 26.9 dB went to 24.1 dB with every
-layer measured in one pass, to 28.3 dB layer by layer (benchmarks/results/int8_robust.md has the latter).
+graph order, each shift measured with the corrections before it applied: the graph runs stepwise
+(:mod:`rvdeploy.precision.stepwise`), one pass over the images for all its layers, each corrected
+layer's values shifted before the layers after it read them. Measuring every layer in the
+uncorrected graph instead double-counts: a layer's shift then includes what its upstream layers'
+corrections remove. On the equalized digits model (tensorrt layout, 256 calibration images), held-out
+logit SQNR 26.9 dB went to 24.1 dB with every layer measured in the uncorrected graph, to 28.3 dB
+layer by layer (benchmarks/results/int8_robust.md has the latter).
 
 The guard's candidate graphs are each corrected before they are measured (so the guard judges what
-would be written); a layer's shift depends only on the precisions of the layers up to it, so
-candidates share the passes over their common upstream part.
+would be written): one pass each.
 
 Both layouts are corrected: the tensorrt layout's bias is a float initializer; the onnxruntime
 layout's is int32 at scale (input scale x weight scale), so its correction is rounded to that grid.
@@ -31,6 +32,7 @@ from rvdeploy.errors import QuantizeError
 from rvdeploy.graph_edit import prefix_model
 from rvdeploy.onnx_io import ort_session, run_session
 from rvdeploy.precision.int8 import quantizable_nodes
+from rvdeploy.precision.stepwise import StepwiseRun
 
 INT32 = np.iinfo(np.int32)
 
@@ -110,9 +112,10 @@ def _own(node: gs.Node, index: int) -> gs.Constant:
     return constant
 
 
-def _correct_layer(node: gs.Node, shift: np.ndarray, target: str) -> LayerBiasCorrection | None:
-    """Lower ``node``'s bias by ``shift`` (one value per output channel); None when its bias is not
-    one the layout lets us change (not a constant of one value per channel, or a missing int32 bias)."""
+def _correct_layer(node: gs.Node, shift: np.ndarray, target: str) -> tuple[LayerBiasCorrection, np.ndarray] | None:
+    """Lower ``node``'s bias by ``shift`` (one value per output channel): what changed, and the change
+    per channel as written (the onnxruntime layout's rounded to its bias grid); None when its bias is
+    not one the layout lets us change (not a constant of one value per channel, or a missing int32 bias)."""
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     if bias is None:
         if target != "tensorrt":  # an int32 bias would need its own Q/DQ scales: left uncorrected
@@ -122,7 +125,7 @@ def _correct_layer(node: gs.Node, shift: np.ndarray, target: str) -> LayerBiasCo
             node.inputs[2] = added
         else:
             node.inputs.append(added)
-        return LayerBiasCorrection(node.name, float(np.abs(shift).max()), 0.0)
+        return LayerBiasCorrection(node.name, float(np.abs(shift).max()), 0.0), added.values.astype(np.float64)
     dequantize = bias.inputs[0] if bias.inputs and bias.inputs[0].op == "DequantizeLinear" else None
     if dequantize is not None:  # the onnxruntime layout: int32 at scale (input scale x weight scale), zero point 0
         integers, scale = dequantize.inputs[0], dequantize.inputs[1]
@@ -131,23 +134,28 @@ def _correct_layer(node: gs.Node, shift: np.ndarray, target: str) -> LayerBiasCo
             return None
         before = integers.values.astype(np.int64)
         steps = np.round(shift.reshape(before.shape) / scale.values.astype(np.float64).reshape(-1)).astype(np.int64)
-        _own(dequantize, 0).values = np.clip(before - steps, INT32.min, INT32.max).astype(np.int32)
-        return LayerBiasCorrection(node.name, float(np.abs(shift).max()),
-                                   float(np.abs(before * scale.values.astype(np.float64)).max()))
+        after = np.clip(before - steps, INT32.min, INT32.max).astype(np.int32)
+        _own(dequantize, 0).values = after
+        step = scale.values.astype(np.float64).reshape(-1)
+        return (LayerBiasCorrection(node.name, float(np.abs(shift).max()), float(np.abs(before.reshape(-1) * step).max())),
+                (after.astype(np.int64) - before).reshape(-1) * step)
     if not isinstance(bias, gs.Constant) or bias.values.dtype != np.float32 or bias.values.size != shift.size:
         return None
     before = bias.values.astype(np.float64)
-    _own(node, 2).values = (before - shift.reshape(before.shape)).astype(np.float32)
-    return LayerBiasCorrection(node.name, float(np.abs(shift).max()), float(np.abs(before).max()))
+    after = (before - shift.reshape(before.shape)).astype(np.float32)
+    _own(node, 2).values = after
+    return LayerBiasCorrection(node.name, float(np.abs(shift).max()), float(np.abs(before).max())), (after - before).reshape(-1)
+
+
+def _channel_mean(values: list[np.ndarray]) -> np.ndarray:
+    """The mean per channel (axis 1) over every batch and position, in float64."""
+    axes = (0, *range(2, values[0].ndim))
+    return sum(v.sum(axis=axes, dtype=np.float64) for v in values) / sum(v.size // v.shape[1] for v in values)
 
 
 class BiasCorrector:
     """Corrects the INT8 layers of graphs quantized from one FP32 graph (the guard's candidates): the
-    FP32 layer means are measured once, and a layer's shift is measured once per precision of the
-    layers up to it (what it depends on), so candidates that differ only downstream share the passes.
-    Asked to reuse, a layer whose upstream precisions are new takes the shift measured for it last
-    (its own rounding error, mostly; the guard's search corrects its candidates so, and the graph it
-    keeps afresh)."""
+    FP32 layer means are measured once, each candidate's shifts in one stepwise pass of its own."""
 
     def __init__(self, fp32: onnx.ModelProto, feeds: list[dict], target: str, what: str = "the INT8 graph",
                  fitted: frozenset[str] = frozenset()) -> None:
@@ -157,33 +165,31 @@ class BiasCorrector:
         self.ranks = output_ranks(fp32, self.layers)
         self.feeds, self.target, self.what = feeds, target, what
         self.reference = channel_means(fp32, self.ranks, feeds, what)
-        self._shifts: dict[tuple, np.ndarray] = {}
-        self._latest: dict[str, np.ndarray] = {}  # by layer: the shift measured for it last
 
-    def correct(self, quantized: onnx.ModelProto, precisions: dict[str, str],
-                reuse: bool = False) -> tuple[onnx.ModelProto, list[LayerBiasCorrection]]:
+    def correct(self, quantized: onnx.ModelProto, precisions: dict[str, str]) -> tuple[onnx.ModelProto, list[LayerBiasCorrection]]:
         """``quantized`` (the target's layout; ``precisions``: each Conv/Gemm's) with the bias of each
         INT8 layer lowered by its mean output error against FP32 on the feeds, layer by layer in graph
-        order, and what changed. A layer whose bias cannot be changed (:func:`_correct_layer`) is left
-        alone. ``reuse``: a layer measured before under other upstream precisions is not measured again."""
+        order, and what changed. A layer whose bias cannot be changed (:func:`_correct_layer`) is left alone."""
         graph = gs.import_onnx(quantized)
         nodes = {node.name: node for node in graph.nodes}
-        corrected = _BiasWriter(quantized)  # the protobuf, kept in step with the graph's corrected biases
-        corrections, upstream = [], ()
+        measured, upstream = [], []
         for name in self.layers:
-            upstream += (precisions.get(name),)
+            upstream.append(precisions.get(name))
             # a fitted bias is in effect where no layer up to it left INT8 (rvdeploy.precision.rounding.Rounding.apply)
-            if upstream[-1] != "int8" or (name in self.fitted and all(p == "int8" for p in upstream)):
-                continue
-            key = (name, upstream)
-            if key not in self._shifts and not (reuse and name in self._latest):
-                means = channel_means(corrected.model, {name: self.ranks[name]}, self.feeds, self.what)
-                self._shifts[key] = self._latest[name] = means[name] - self.reference[name]
-            shift = self._shifts[key] if key in self._shifts else self._latest[name]  # measured, or reused
-            correction = _correct_layer(nodes[name], shift, self.target)
-            if correction is not None:
-                corrections.append(correction)
+            if upstream[-1] == "int8" and not (name in self.fitted and all(p == "int8" for p in upstream)):
+                measured.append(name)
+        corrected = _BiasWriter(quantized)  # the protobuf, kept in step with the graph's corrected biases
+        outputs = {name: nodes[name].outputs[0].name for name in measured}
+        run = StepwiseRun(corrected.model, list(outputs.values()), self.feeds, f"the bias-correction pass of {self.what}")
+        corrections = []
+        for name in measured:
+            values = run.values(corrected.model, outputs[name])
+            done = _correct_layer(nodes[name], _channel_mean(values) - self.reference[name], self.target)
+            if done is not None:
+                corrections.append(done[0])
                 corrected.write(nodes[name])
+                change = done[1].astype(np.float32).reshape(1, -1, *[1] * (values[0].ndim - 2))
+                run.replace(outputs[name], [v + change for v in values])
         return (corrected.model if corrections else quantized), corrections
 
 

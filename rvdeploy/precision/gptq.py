@@ -83,11 +83,14 @@ def sqnr_db(energy: float, noise: float) -> float:
 def inverse_factor(hessian: np.ndarray) -> np.ndarray:
     """U, upper triangular, with Uᵀ·U = ``hessian``⁻¹ (groups, n, n), from one Cholesky factorization
     and one triangular inverse: with J the reversal, J·H·J = M·Mᵀ gives H = Ũ·Ũᵀ (Ũ = J·M·J, upper),
-    so H⁻¹ = (Ũ⁻¹)ᵀ·Ũ⁻¹."""
+    so H⁻¹ = (Ũ⁻¹)ᵀ·Ũ⁻¹. Many groups (a depthwise layer's hundreds of small matrices) are inverted in one
+    batched call: one LAPACK call per group costs more than the arithmetic."""
     from scipy.linalg.lapack import dtrtri
 
     flipped = np.linalg.cholesky(hessian[:, ::-1, ::-1])[:, ::-1, ::-1]
-    return np.stack([dtrtri(np.ascontiguousarray(part), lower=0)[0] for part in flipped])
+    if len(flipped) > 1:
+        return np.triu(np.linalg.inv(flipped))
+    return dtrtri(np.ascontiguousarray(flipped[0]), lower=0)[0][None]
 
 
 def gptq(target: np.ndarray, upper: np.ndarray, scale: np.ndarray, rounded: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,10 +122,15 @@ def fit(grams: Grams, reference: np.ndarray, scale: np.ndarray, damping: float, 
     hq, cross = grams.hq[:, :columns, :columns], grams.cross[:, :columns]
     if not with_bias:  # the fixed bias moved to the outputs: Y - b
         cross = cross - grams.hq[:, :k, k:] * reference[:, None, :, k]
-    eye = np.eye(columns) * np.mean(np.diagonal(hq, axis1=1, axis2=2), axis=1)[:, None, None]
-    upper = inverse_factor(hq + damping * eye)
+    # λ·I per group, kept as its diagonal: a product with it is a scaling (as a matrix product it cost
+    # more than the Cholesky factorization on a 2,305-column layer)
+    penalty = damping * np.mean(np.diagonal(hq, axis1=1, axis2=2), axis=1)
+    diagonal = np.arange(columns)
+    regularized = hq.copy()
+    regularized[:, diagonal, diagonal] += penalty[:, None]
+    upper = inverse_factor(regularized)
     # argmin ‖Y − X̃q·W*ᵀ‖² + λ‖W* − W‖²: (H + λ)·W*ᵀ = C + λ·Wᵀ, with (H + λ)⁻¹ = Uᵀ·U
-    right = cross + damping * eye @ reference[:, :, :columns].transpose(0, 2, 1)
+    right = cross + penalty[:, None, None] * reference[:, :, :columns].transpose(0, 2, 1)
     best = (upper.transpose(0, 2, 1) @ (upper @ right)).transpose(0, 2, 1)
     integers, free = gptq(best, upper, scale, k)
     return np.concatenate([integers * scale[..., None], free if with_bias else reference[:, :, k:]], axis=2)
@@ -140,8 +148,8 @@ def fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fol
               with_bias: bool) -> LayerFit:
     """Nearest and adaptive rounding of one layer (``reference``, ``nearest``: (groups, out/groups,
     K + 1) weights and bias). Fitted on the first fold, the λ of :data:`DAMPINGS` that predicts the
-    second fold best is chosen, and the layer refitted on both, unless that held-out score does not
-    beat nearest rounding's on the same rows. Rows to fit on fewer than a quarter of the weights in a
+    second fold best is chosen (tried from the largest down until the score stops improving), and the
+    layer refitted on both, unless that held-out score does not beat nearest rounding's on the same rows. Rows to fit on fewer than a quarter of the weights in a
     row (a wide layer on small feature maps: nothing to learn from), or values that are not finite,
     leave the layer rounded to nearest."""
     with np.errstate(all="ignore"):  # a value that is not finite is caught below, not printed
@@ -157,7 +165,12 @@ def _fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fo
               and (scale > 0).all())
     if not finite or fitting.hq[0, -1, -1] < MIN_ROWS_PER_COLUMN * fitting.hq.shape[1]:  # the ones column's square: the rows
         return LayerFit(nearest_db, nearest_db, math.nan, None)
-    noise = {damping: held_out.noise(fit(fitting, reference, scale, damping, with_bias)) for damping in DAMPINGS}
+    noise: dict[float, float] = {}
+    for damping in sorted(DAMPINGS, reverse=True):  # held-out noise is U-shaped in λ: from the largest down, to its low
+        noise[damping] = held_out.noise(fit(fitting, reference, scale, damping, with_bias))
+        if len(noise) > 1 and noise[damping] >= noise[previous]:
+            break
+        previous = damping
     damping = min(noise, key=noise.get)
     chosen = fit(fitting + held_out, reference, scale, damping, with_bias) if noise[damping] < nearest_noise else None
     return LayerFit(nearest_db, sqnr_db(held_out.energy, noise[damping]), damping,

@@ -71,7 +71,6 @@ class GuardReport:
     final_top1: float | None = None
     fallback: list[str] = field(default_factory=list)  # layers taken out of INT8, most sensitive first
     steps: list[dict] = field(default_factory=list)  # each candidate measured: layers out, the last of them, sqnr_db, top1
-    refined: bool = False  # the written candidate is the refined build of the prefix found (see fall_back_until_met)
 
     @property
     def met(self) -> bool:
@@ -96,7 +95,6 @@ def fall_back_until_met(
     min_sqnr_db: float | None,
     max_top1_drop: float | None = None,
     scorer: Top1Scorer | None = None,
-    refine: Callable[[tuple[str, ...]], MixedGraph] | None = None,
 ) -> tuple[MixedGraph, GuardReport]:
     """From ``first`` (every layer in INT8), ``build(fallback)`` for the shortest prefix ``fallback`` of
     ``ranking()`` (most sensitive layer first; asked for only when ``first`` misses a limit) that meets
@@ -107,8 +105,7 @@ def fall_back_until_met(
     between the longest that missed and the shortest that met: about 2 log2(n) candidates instead of
     n. Taking a layer out of INT8 nearly always raises the output SQNR, so this finds the shortest
     prefix (or one a layer or two longer where the rise is not monotone); every candidate is in
-    ``steps``. ``refine(prefix)``: a costlier build of the prefix found (bias correction measured
-    afresh), written instead where it meets the limits with an output SQNR at least as high."""
+    ``steps``."""
     if (max_top1_drop is None) != (scorer is None):
         raise QuantizeError("the accuracy guard needs both --val and --max-top1-drop")
     report = GuardReport(min_sqnr_db, max_top1_drop, first.output_sqnr(probe), math.nan)
@@ -141,10 +138,4 @@ def fall_back_until_met(
             missed = middle
     length, candidate, report.final_sqnr_db, report.final_top1 = shortest
     report.fallback = list(order[:length])
-    if refine is not None:
-        refined = refine(tuple(report.fallback))
-        sqnr = refined.output_sqnr(probe)
-        top1 = scorer.top1(refined.model) if scorer else None
-        if _met(min_sqnr_db, max_top1_drop, sqnr, report.fp32_top1, top1) and sqnr >= report.final_sqnr_db:
-            candidate, report.final_sqnr_db, report.final_top1, report.refined = refined, sqnr, top1, True
     return candidate, report

@@ -26,7 +26,8 @@ from rvdeploy.files import atomic_output, check_output_path, sha256_file
 from rvdeploy.onnx_io import load_onnx, read_metadata, save_onnx, write_metadata
 from rvdeploy.precision.bias_correction import BiasCorrection, BiasCorrector
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.choices import DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING, METHODS, ROUNDINGS, TARGETS
+from rvdeploy.precision.choices import (DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING, METHODS, ROUNDINGS,
+                                        SENSITIVITY_IMAGES, TARGETS)
 from rvdeploy.precision.calib import QUANTIZED_OPS, activation_peaks, model_feeds
 from rvdeploy.precision.cpu_format import CpuFormat, plan_cpu_format
 from rvdeploy.precision.equalize import EqualizeReport
@@ -229,15 +230,14 @@ class _Corrected:
     def __init__(self, graph: onnx.ModelProto, probe: OutputProbe, target: str, what, fitted: frozenset[str]) -> None:
         self.corrector = BiasCorrector(graph, probe.feeds, target, what, fitted)
         self.probe = probe
-        self.reports: dict[tuple[tuple[str, ...], bool], BiasCorrection] = {}  # by (layers out of INT8, reused)
+        self.reports: dict[tuple[str, ...], BiasCorrection] = {}  # by layers out of INT8
 
-    def __call__(self, candidate: MixedGraph, reuse: bool = False) -> MixedGraph:
-        """``reuse``: shifts measured for earlier candidates stand in where upstream differs (the guard's search)."""
-        model, layers = self.corrector.correct(candidate.model, candidate.precisions, reuse)
+    def __call__(self, candidate: MixedGraph) -> MixedGraph:
+        model, layers = self.corrector.correct(candidate.model, candidate.precisions)
         before = candidate.output_sqnr(self.probe)
         corrected = MixedGraph(model, candidate.precisions, before if not layers else None)
         after = corrected.output_sqnr(self.probe)
-        self.reports[_out_of_int8(candidate), reuse] = BiasCorrection(before, after, after > before, layers)
+        self.reports[_out_of_int8(candidate)] = BiasCorrection(before, after, after > before, layers)
         return corrected if after > before else candidate
 
 
@@ -295,7 +295,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
 
         def sensitivity() -> dict[str, float]:  # one pass per layer: only for a report, or a guard with work to do
             if not sqnr:
-                sqnr.update(layer_sqnr(graph, uncorrected, probe, options.show_progress))
+                sqnr.update(layer_sqnr(graph, uncorrected, probe.first(SENSITIVITY_IMAGES), options.show_progress))
             return sqnr
 
         if options.report_path or options.plot_path:
@@ -307,21 +307,19 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         if corrected:
             first = corrected(first)  # the sensitivity grafts the uncorrected, nearest-rounded layers, one at a time
 
-        def build(fallback: tuple[str, ...], reuse: bool = True) -> MixedGraph:
+        def build(fallback: tuple[str, ...]) -> MixedGraph:
             candidate = fallback_graph(graph_path, calibration, options.target, fallback, peaks, measured_unsigned,
                                        rounding if rounding and rounding.kept else None)
-            return corrected(candidate, reuse) if corrected else candidate
+            return corrected(candidate) if corrected else candidate
 
         guard_report = None
-        if guarded:  # candidates corrected with reused shifts; the one kept corrected afresh, where that measures better
+        if guarded:
             final, guard_report = fall_back_until_met(model, first, lambda: most_sensitive_first(sensitivity()), build, probe,
-                                                      floor, options.max_top1_drop, scorer,
-                                                      refine=(lambda f: build(f, reuse=False)) if corrected else None)
+                                                      floor, options.max_top1_drop, scorer)
             output_sqnr = guard_report.final_sqnr_db
         else:
             final, output_sqnr = first, first.output_sqnr(probe)
-        reused = bool(guard_report and guard_report.fallback and not guard_report.refined)
-        bias_correction = corrected.reports[_out_of_int8(final), reused] if corrected else None
+        bias_correction = corrected.reports[_out_of_int8(final)] if corrected else None
     by_precision = {p: [n for n, q in final.precisions.items() if q == p] for p in PRECISIONS}
     report = Int8Report(
         target=options.target,

@@ -2,8 +2,8 @@
 outputs on the calibration images, not each weight rounded to nearest on its own.
 
 Layer by layer in graph order, with the layers before it already rounded (so each corrects what
-reaches it from upstream): the layer's input is captured from the INT8 graph as the target
-computes it, unfolded into kernel windows at a random sample of output positions (a Gemm's rows as
+reaches it from upstream): the layer's input is captured from the INT8 graph, run stepwise (one
+pass for all layers, :mod:`rvdeploy.precision.stepwise`), unfolded into kernel windows at a random sample of output positions (a Gemm's rows as
 they are), and paired with the FP32 graph's outputs of that layer at the same positions, captured
 for every layer in one FP32 pass. The fit (least squares toward FP32, then GPTQ's error-feedback
 rounding onto the layer's own grid, regularization chosen by cross-validation) is
@@ -27,6 +27,7 @@ from rvdeploy.compare import json_safe
 from rvdeploy.graph_edit import prefix_model
 from rvdeploy.onnx_io import ort_session, run_session
 from rvdeploy.precision.gptq import Grams, fit_layer, output_positions, unfold
+from rvdeploy.precision.stepwise import StepwiseRun
 from rvdeploy.progress import progress_bar
 
 ROWS_PER_COLUMN = 16  # sampled rows per weight column of a layer (K + 1 columns), at most...
@@ -169,12 +170,6 @@ class _Writer:
         self.readers[new_name] = 1
 
 
-def _capture(model: onnx.ModelProto, tensor: str, feeds: list[dict], what: str):
-    session = ort_session(prefix_model(model, [tensor]).SerializeToString(), name=f"the rounding probe of {what}")
-    for feed in feeds:
-        yield np.asarray(run_session(session, feed, what, [tensor])[0], np.float32)
-
-
 def _layer_weights(node: onnx.NodeProto | None, initializers: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray] | None:
     """The FP32 graph's weights (out, ...) and bias of ``node``, when they are ``initializers`` (and a
     Gemm scales neither)."""
@@ -228,12 +223,13 @@ def _fp32_samples(fp32: onnx.ModelProto, layers: dict[str, tuple[onnx.NodeProto,
     return samples
 
 
-def _folds(quantized: onnx.ModelProto, layer: _Layer, shape: tuple[int, ...], samples: _Samples, feeds: list[dict],
-           what: str) -> tuple[Grams, Grams]:
-    """The Gram matrices of ``layer``'s INT8 inputs (as far as the graph is rounded) against its FP32
-    outputs at the sampled positions, on the even images (to fit on) and on the odd ones (to score on)."""
+def _folds(inputs: list[np.ndarray], layer: _Layer, shape: tuple[int, ...], samples: _Samples) -> tuple[Grams, Grams]:
+    """The Gram matrices of ``layer``'s INT8 ``inputs`` (one array per batch, as far as the graph is
+    rounded) against its FP32 outputs at the sampled positions, on the even images (to fit on) and on
+    the odd ones (to score on)."""
     attrs, folds, first = _attributes(layer.node), [None, None], 0
-    for xq, positions, y in zip(_capture(quantized, layer.node.input[0], feeds, what), samples.positions, samples.outputs):
+    for xq, positions, y in zip(inputs, samples.positions, samples.outputs):
+        xq = np.asarray(xq, np.float32)
         if positions is None:
             rows, image = xq.reshape(len(xq), 1, -1), np.arange(len(xq))
         else:
@@ -262,6 +258,9 @@ def adaptive_rounding(fp32: onnx.ModelProto, quantized: onnx.ModelProto, feeds: 
         samples = _fp32_samples(fp32, {name: (fp32_nodes[name], weights[name][0].shape) for name in layers}, feeds, what,
                                 np.random.default_rng(seed))
         progress.advance(task)
+        # each layer's input as the graph rounded up to it computes it: one stepwise pass for every layer
+        captured = StepwiseRun(writer.model, [layer.node.input[0] for layer in layers.values()], feeds,
+                               f"the rounding pass of {what}")
         for name, layer in layers.items():
             w, b = weights[name]
             groups = _attributes(layer.node).get("group", 1)
@@ -271,7 +270,7 @@ def adaptive_rounding(fp32: onnx.ModelProto, quantized: onnx.ModelProto, feeds: 
             stored = writer.array(layer.weight_dq.input[0])
             integers = stored.astype(np.int16) - (128 if stored.dtype == np.uint8 else 0)
             nearest = np.concatenate([integers.reshape(*shape, -1) * scale[..., None], reference[:, :, -1:]], axis=2)
-            folds = _folds(writer.model, layer, w.shape, samples.pop(name), feeds, what)
+            folds = _folds(captured.values(writer.model, layer.node.input[0]), layer, w.shape, samples.pop(name))
             # an absent bias stays absent where the layout's bias is int32 at a scale of its own (onnxruntime's)
             with_bias = target == "tensorrt" or (len(layer.node.input) > 2 and bool(layer.node.input[2]))
             result = fit_layer(reference, nearest, scale, folds, with_bias)

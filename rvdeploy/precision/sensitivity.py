@@ -15,13 +15,11 @@ import os
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from rvdeploy.compare import sqnr_db
 from rvdeploy.data import ImageSet
 from rvdeploy.errors import QuantizeError
-from rvdeploy.graph_edit import export_like, producer
-from rvdeploy.onnx_io import ort_session, run_session
+from rvdeploy.onnx_io import fixed_batch, ort_session, run_session
 from rvdeploy.precision.calib import QUANTIZED_OPS, model_feeds
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
@@ -41,93 +39,130 @@ class OutputProbe:
 
     def __init__(self, fp32: onnx.ModelProto, images: ImageSet, recipe: Preprocess, what: str | os.PathLike) -> None:
         self.feeds = list(model_feeds(fp32, images, recipe, FEED_BATCH))
+        self.fixed_batch = fixed_batch(fp32) is not None
         self.what = what
         self.reference = self.outputs(fp32)
 
-    def outputs(self, model: onnx.ModelProto) -> np.ndarray:
-        session = ort_session(model.SerializeToString(), name=f"a quantized graph of {self.what}")
+    def outputs(self, model: onnx.ModelProto | bytes) -> np.ndarray:
+        """The outputs of ``model`` (or of its serialization) on the images, a row per image."""
+        serialized = model if isinstance(model, bytes) else model.SerializeToString()
+        session = ort_session(serialized, name=f"a quantized graph of {self.what}")
         return np.concatenate([flat_outputs(run_session(session, feed, self.what)) for feed in self.feeds])
 
     def first(self, images: int) -> OutputProbe:
-        """This probe on its first ``images`` images (whole batches), sharing their arrays."""
+        """This probe on its first ``images`` images, sharing their arrays (whole batches where the
+        graph's batch size is fixed)."""
         feeds, rows = [], 0
         for feed in self.feeds:
             if rows >= images:
                 break
+            batch = len(next(iter(feed.values())))
+            if not self.fixed_batch and rows + batch > images:
+                feed, batch = {name: value[:images - rows] for name, value in feed.items()}, images - rows
             feeds.append(feed)
-            rows += len(next(iter(feed.values())))
+            rows += batch
         subset = copy.copy(self)
         subset.feeds, subset.reference = feeds, self.reference[:rows]
         return subset
 
-    def sqnr(self, model: onnx.ModelProto) -> float:
+    def sqnr(self, model: onnx.ModelProto | bytes) -> float:
         """SQNR (dB) of ``model``'s outputs against FP32's; inf when they are identical."""
         return sqnr_db(self.outputs(model), self.reference)
 
 
-def _find(graph: gs.Graph, name: str, what: str) -> gs.Node:
-    node = next((n for n in graph.nodes if n.name == name), None)
-    if node is None:
-        raise QuantizeError(f"{what} has no node {name!r}")
-    return node
+class SingleLayerGraphs:
+    """``fp32`` with one layer at a time in INT8: the Q/DQ pairs ``quantized`` puts on that layer's
+    inputs (activation, weights, an int32 bias in the onnxruntime layout) and on its output (the
+    onnxruntime layout quantizes outputs too), copied with their scales and zero points. Built as
+    edits of one copy of ``fp32``'s protobuf, undone after each layer's graph is serialized: a graph
+    per layer costs one serialization, not a graph import and export."""
 
+    def __init__(self, fp32: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
+        self.work = onnx.ModelProto()
+        self.work.CopyFrom(fp32)
+        for name in ("opset_import", "ir_version"):  # the Q/DQ nodes' opset (Conv and Relu read the same in both)
+            self.work.ClearField(name)
+        self.work.opset_import.extend(quantized.opset_import)
+        self.work.ir_version = quantized.ir_version
+        self.producer = {out: node for node in quantized.graph.node for out in node.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in quantized.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.constants = {init.name: init for init in quantized.graph.initializer}
+        self.layers = {node.name: node for node in quantized.graph.node if node.op_type in QUANTIZED_OPS}
+        self.index = {node.name: i for i, node in enumerate(self.work.graph.node)}
+        self.present = {init.name for init in self.work.graph.initializer}
 
-def _copy_node(graph: gs.Graph, original: gs.Node, inputs: list, outputs: list) -> None:
-    """A copy of the quantized graph's Q or DQ node ``original`` (same attributes, scale and zero point)."""
-    graph.nodes.append(gs.Node(original.op, name=f"{original.name}/single_layer", attrs=dict(original.attrs),
-                               inputs=[inputs[0], *original.inputs[1:]], outputs=outputs))
+    def _copy(self, original: onnx.NodeProto, source: str, output: str) -> onnx.NodeProto:
+        """A copy of ``quantized``'s Q or DQ node ``original`` (same attributes, scale and zero point) on ``source``."""
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        node.name, node.input[0], node.output[0] = f"{original.name}/single_layer", source, output
+        return node
 
-
-def _fake_quantized(graph: gs.Graph, tensor: gs.Variable, q: gs.Node, dq: gs.Node) -> gs.Variable:
-    """``tensor`` through a copy of the pair ``q`` → ``dq``."""
-    quantized = gs.Variable(f"{tensor.name}/{q.name}/single_layer", dtype=q.outputs[0].dtype)
-    restored = gs.Variable(f"{tensor.name}/{dq.name}/single_layer", dtype=np.float32)
-    _copy_node(graph, q, [tensor], [quantized])
-    _copy_node(graph, dq, [quantized], [restored])
-    return restored
+    def serialized(self, name: str) -> bytes:
+        """The graph with only ``name`` in INT8, serialized."""
+        if name not in self.index or name not in self.layers:
+            raise QuantizeError(f"the FP32 and quantized graphs do not both have a node {name!r}")
+        position = self.index[name]
+        layer, qlayer = self.work.graph.node[position], self.layers[name]
+        inputs, outputs = list(layer.input), list(layer.output)
+        before, after = [], []
+        for index, qtensor in enumerate(qlayer.input):
+            dq = self.producer.get(qtensor)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            restored = f"{dq.output[0]}/single_layer"
+            if dq.input[0] in self.constants:  # a weight or bias stored as integers
+                before.append(self._copy(dq, dq.input[0], restored))
+            else:
+                q = self.producer.get(dq.input[0])
+                if q is None or q.op_type != "QuantizeLinear":
+                    raise QuantizeError(f"the quantized graph's {dq.name} does not dequantize a QuantizeLinear")
+                quantized_name = f"{inputs[index]}/{q.name}/single_layer"
+                before += [self._copy(q, inputs[index], quantized_name), self._copy(dq, quantized_name, restored)]
+            layer.input[index] = restored
+        q = next((c for c in self.readers.get(qlayer.output[0], []) if c.op_type == "QuantizeLinear"), None)
+        if q is not None:  # onnxruntime's layout: the layer writes integers
+            dq = next(c for c in self.readers[q.output[0]] if c.op_type == "DequantizeLinear")
+            raw, quantized_name = f"{outputs[0]}/before_quantize", f"{outputs[0]}/{q.name}/single_layer"
+            layer.output[0] = raw
+            after = [self._copy(q, raw, quantized_name), self._copy(dq, quantized_name, outputs[0])]
+        added = sorted({i for node in before + after for i in node.input if i in self.constants and i not in self.present})
+        graph = self.work.graph
+        try:
+            for offset, node in enumerate(before):
+                graph.node.insert(position + offset, node)
+            for offset, node in enumerate(after):
+                graph.node.insert(position + len(before) + 1 + offset, node)
+            graph.initializer.extend(self.constants[i] for i in added)
+            return self.work.SerializeToString()
+        finally:  # the copy back to FP32
+            del graph.node[position + len(before) + 1:position + len(before) + 1 + len(after)]
+            del graph.node[position:position + len(before)]
+            if added:
+                del graph.initializer[-len(added):]
+            layer = graph.node[position]  # found again: an insert may have moved the messages
+            del layer.input[:], layer.output[:]
+            layer.input.extend(inputs)
+            layer.output.extend(outputs)
 
 
 def single_layer_graph(fp32: onnx.ModelProto, quantized: onnx.ModelProto, node: str) -> onnx.ModelProto:
-    """``fp32`` with only ``node`` in INT8: the Q/DQ pairs ``quantized`` puts on that node's inputs
-    (activation, weights, an int32 bias in the onnxruntime layout) and on its output (the onnxruntime
-    layout quantizes outputs too), copied with their scales and zero points. Built by graph edits alone."""
-    graph, qgraph = gs.import_onnx(fp32), gs.import_onnx(quantized)
-    layer, qlayer = _find(graph, node, "the FP32 graph"), _find(qgraph, node, "the quantized graph")
-    for index, qtensor in enumerate(qlayer.inputs):
-        dq = producer(qtensor, "DequantizeLinear")
-        if dq is None:
-            continue
-        if isinstance(dq.inputs[0], gs.Constant):  # a weight or bias stored as integers
-            restored = gs.Variable(f"{dq.outputs[0].name}/single_layer", dtype=np.float32)
-            _copy_node(graph, dq, [dq.inputs[0]], [restored])
-            layer.inputs[index] = restored
-            continue
-        q = producer(dq.inputs[0], "QuantizeLinear")
-        if q is None:
-            raise QuantizeError(f"the quantized graph's {dq.name} does not dequantize a QuantizeLinear")
-        layer.inputs[index] = _fake_quantized(graph, layer.inputs[index], q, dq)
-    q = next((c for c in qlayer.outputs[0].outputs if c.op == "QuantizeLinear"), None)
-    if q is not None:  # onnxruntime's layout: the layer writes integers
-        dq = next(c for c in q.outputs[0].outputs if c.op == "DequantizeLinear")
-        output = layer.outputs[0]
-        raw = gs.Variable(f"{output.name}/before_quantize", dtype=np.float32)
-        layer.outputs[0] = raw
-        quantized_output = gs.Variable(f"{output.name}/{q.name}/single_layer", dtype=q.outputs[0].dtype)
-        _copy_node(graph, q, [raw], [quantized_output])
-        _copy_node(graph, dq, [quantized_output], [output])
-    graph.cleanup().toposort()
-    return export_like(graph, quantized)  # the Q/DQ nodes' opset (Conv and Relu read the same in both)
+    """``fp32`` with only ``node`` in INT8 (:class:`SingleLayerGraphs`)."""
+    return onnx.load_from_string(SingleLayerGraphs(fp32, quantized).serialized(node))
 
 
 def layer_sqnr(fp32: onnx.ModelProto, quantized: onnx.ModelProto, probe: OutputProbe,
                show_progress: bool = True, description: str = "layer sensitivity") -> dict[str, float]:
     """Output SQNR (dB) against FP32 with each Conv/Gemm alone in INT8, in graph order: one pass each."""
     nodes = [n.name for n in fp32.graph.node if n.op_type in QUANTIZED_OPS]
-    sqnr = {}
+    graphs, sqnr = SingleLayerGraphs(fp32, quantized), {}
     with progress_bar(show_progress) as progress:
         task = progress.add_task(description, total=len(nodes))
         for node in nodes:
-            sqnr[node] = probe.sqnr(single_layer_graph(fp32, quantized, node))
+            sqnr[node] = probe.sqnr(graphs.serialized(node))
             progress.advance(task)
     return sqnr
 
