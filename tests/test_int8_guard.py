@@ -17,6 +17,7 @@ from rvdeploy.engine.library import load_library
 from rvdeploy.onnx_io import read_metadata
 from rvdeploy.precision.calib import calibrate
 from rvdeploy.precision.int8 import quantize_int8
+from rvdeploy.precision.guard import held_out_split
 from rvdeploy.precision.layer_report import block_name, build_layer_figure
 from rvdeploy.precision.mixed import fallback_graph
 from rvdeploy.precision.quantize import Int8Options, quantize_int8_file
@@ -43,11 +44,13 @@ def recipe_of(path) -> Preprocess:
     return Preprocess.from_dict(read_metadata(onnx.load(path))["preprocess"])
 
 
-def outputs_on_calibration(path, recipe: Preprocess) -> np.ndarray:
-    """Every output of the graph at ``path`` on the calibration images, one row per image (plain ONNX Runtime)."""
+def outputs_on_calibration(path, recipe: Preprocess, held_out: bool = False) -> np.ndarray:
+    """Every output of the graph at ``path`` on the calibration images, one row per image (plain ONNX
+    Runtime); ``held_out``: on those a floor holds out to judge on (rvdeploy.precision.guard.held_out_split)."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = image_folder(CALIB, recipe, IMAGES)
     rows = []
-    for pixels, _ in batches(image_folder(CALIB, recipe, IMAGES), recipe, 32):
+    for pixels, _ in batches(held_out_split(images)[1] if held_out else images, recipe, 32):
         rows.append(np.concatenate([o.reshape(len(o), -1) for o in session.run(None, {"input": pixels})], axis=1))
     return np.concatenate(rows)
 
@@ -168,7 +171,8 @@ def test_min_sqnr_guard_meets_its_limit_measured_independently(work, digits_onnx
     assert guard.int8_sqnr_db < 34 <= guard.final_sqnr_db and guard.met
     assert 0 < len(guard.fallback) <= 4 and report.quantized_nodes == 9 - len(guard.fallback)
     recipe = recipe_of(digits_onnx)
-    measured = sqnr_db(outputs_on_calibration(out, recipe), outputs_on_calibration(digits_onnx, recipe))
+    measured = sqnr_db(outputs_on_calibration(out, recipe, held_out=True),
+                       outputs_on_calibration(digits_onnx, recipe, held_out=True))
     assert measured >= 34 and measured == pytest.approx(guard.final_sqnr_db, abs=1e-6)
     # the search: doubling, then bisection; the prefix written is the shortest that met among those measured
     lengths = [step["layers"] for step in guard.steps]
@@ -346,7 +350,8 @@ def test_a_multi_output_backbone_quantizes(work, digits_onnx, tmp_path):
     report = quantize_int8_file(backbone, tmp_path / "b8.onnx", options(min_sqnr=30, report_path=tmp_path / "b.json"))
     assert report.guard.met and len(report.layers) == 8  # the 8 Convs, no Gemm
     recipe = recipe_of(backbone)
-    measured = sqnr_db(outputs_on_calibration(tmp_path / "b8.onnx", recipe), outputs_on_calibration(backbone, recipe))
+    measured = sqnr_db(outputs_on_calibration(tmp_path / "b8.onnx", recipe, held_out=True),
+                       outputs_on_calibration(backbone, recipe, held_out=True))
     assert measured >= 30 and len(onnx.load(tmp_path / "b8.onnx").graph.output) == 2
     code, stdout, stderr = run("quantize", backbone, "--fp16", "-o", tmp_path / "b16.onnx", "--json")
     assert code == 0, stderr

@@ -18,7 +18,7 @@ def test_every_command_is_one_library_call(tmp_path):
     assert pipeline.verify_model(tmp_path / "digits.onnx", DIGITS_CKPT, load).ok
     report = pipeline.quantize_model(tmp_path / "digits.onnx", tmp_path / "int8.onnx",
                                      pipeline.Int8Options(CALIB, target="onnxruntime", show_progress=False))
-    assert report.calibration_images == 256 and report.quantized_nodes == 9
+    assert (report.calibration_images, report.held_out_images, report.quantized_nodes) == (224, 32, 9)  # the floor holds 32 out
     built = pipeline.build(tmp_path / "digits.onnx", tmp_path / "digits.engine",
                            pipeline.BuildOptions(backend="rtx", precision=pipeline.Fp16Options()))
     assert built.build.sidecar["precision"] == "fp16" and built.typed_graph.exists()

@@ -27,15 +27,16 @@ def precision_options(command):
         click.option("--calib-cache", type=click.Path(path_type=Path), help="With --int8: JSON cache of calibration ranges."),
         click.option("--equalize/--no-equalize", default=None,
                      help="With --int8: cross-layer equalization of the FP32 graph before calibration [default: "
-                          "measured: kept where the INT8 graph's output SQNR on the calibration images is the higher]."),
+                          "measured: kept where the INT8 graph's output SQNR on the held-out calibration images is the higher]."),
         click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
                      help="With --int8: correct each INT8 layer's bias by its mean output error on the calibration images."),
         click.option("--rounding", type=click.Choice(ROUNDINGS), default=DEFAULT_ROUNDING, show_default=True,
                      help="With --int8: INT8 weights chosen layer by layer to reproduce each layer's FP32 outputs on the "
                           "calibration images (adaptive), or each rounded to nearest (faster, less accurate)."),
-        click.option("--min-sqnr", type=float, help="With --int8: label-free floor: the output SQNR (dB) against FP32 on the "
-                     f"calibration images must reach this; the most sensitive layers leave INT8 until it does "
-                     f"[default: {DEFAULT_MIN_SQNR_DB:g}; 0 turns it off]."),
+        click.option("--min-sqnr", type=float, help="With --int8: label-free floor: the output SQNR (dB) against FP32 on "
+                     "held-out calibration images (every 4th, at most 32, from 8 images on; nothing is fitted to them) "
+                     "must reach this; the most sensitive layers leave INT8 until it does "
+                     f"[default: {DEFAULT_MIN_SQNR_DB:g}; 0 turns it off, and every image is fitted on]."),
         click.option("--val", "val_dir", type=click.Path(path_type=Path), help="With --int8: validation folder (one sub-folder per class) for the accuracy guard."),
         click.option("--max-top1-drop", type=click.FloatRange(min=0), help="With --int8: the accuracy guard's allowed top-1 drop in points."),
         click.option("--report", "report_path", type=click.Path(dir_okay=False), help="With --int8: write the per-layer report as JSON."),
@@ -78,24 +79,31 @@ def _db(value: float) -> str:
     return "identical" if value == float("inf") else f"{value:.1f} dB"
 
 
-def _bias_correction_line(correction, rounding) -> str:
+def _judged_on(report) -> str:
+    """Where the report's output SQNRs were measured."""
+    if report.held_out_images:
+        return f"on {report.held_out_images} held-out calibration images"
+    return "on the calibration images"
+
+
+def _bias_correction_line(correction, rounding, judged_on: str) -> str:
     if correction is None:
         return "bias correction: off (--no-bias-correction)"
     fitted = len(rounding.biases) if rounding and rounding.kept else 0
     if not correction.layers:
         return (f"bias correction: none needed ({fitted} INT8 biases fitted by adaptive rounding)" if fitted
                 else "bias correction: no INT8 layer with a bias it can correct")
-    measured = f"output SQNR {_db(correction.sqnr_before_db)} → {_db(correction.sqnr_after_db)} on the calibration images"
+    measured = f"output SQNR {_db(correction.sqnr_before_db)} → {_db(correction.sqnr_after_db)} {judged_on}"
     if not correction.kept:
         return f"bias correction: not kept ({measured}: no better, or a guard limit broken)"
     return f"bias correction: {len(correction.layers)} INT8 layers corrected, {measured}"
 
 
-def _rounding_line(rounding) -> str:
+def _rounding_line(rounding, judged_on: str) -> str:
     if rounding is None:
         return "rounding: to nearest (--rounding nearest)"
     adaptive = [layer for layer in rounding.layers if layer.kept]
-    measured = f"output SQNR {_db(rounding.sqnr_before_db)} → {_db(rounding.sqnr_after_db)} on the calibration images"
+    measured = f"output SQNR {_db(rounding.sqnr_before_db)} → {_db(rounding.sqnr_after_db)} {judged_on}"
     if not rounding.kept:
         return f"rounding: adaptive not kept ({measured}: no better); to nearest"
     gains = sorted(((layer.adaptive_sqnr_db - layer.nearest_sqnr_db, layer.node) for layer in adaptive), reverse=True)
@@ -128,9 +136,12 @@ def _skipped(skipped) -> str:
 
 
 def _int8_summary(report) -> str:
+    judged_on = _judged_on(report)
     calibrated = "from the cache" if report.from_cache else f"in {report.calibration_seconds:.1f} s"
     lines = [f"INT8 ({report.target} layout, {report.method}): {report.quantized_nodes} layers quantized, "
              f"calibrated on {report.calibration_images} images {calibrated}"
+             + (f" ({report.held_out_images} more held out: nothing is fitted to them, every output SQNR below is "
+                "measured on them)" if report.held_out_images else "")
              + (f", {report.skipped_images} unreadable images skipped" if report.skipped_images else "")
              + ("; in float by design: " + ", ".join(f"{n} {op}" for op, n in report.float_by_design.items())
                 if report.float_by_design else "")]
@@ -144,16 +155,16 @@ def _int8_summary(report) -> str:
         line = f"equalization: {len(eq.pairs)} layer pairs equalized in {eq.sweeps} sweeps{_skipped(eq.skipped)}"
         if eq.sqnr_equalized_db is not None:
             measured = (f"output SQNR {_db(eq.sqnr_equalized_db)} equalized, {_db(eq.sqnr_plain_db)} without, weights "
-                        "rounded to nearest, on the calibration images")
+                        f"rounded to nearest, {judged_on}")
             line += f"; kept ({measured})" if eq.kept else f"; not kept ({measured}): the graph is quantized as it is"
         lines.append(line)
-    lines.append(_rounding_line(report.rounding))
-    lines.append(_bias_correction_line(report.bias_correction, report.rounding))
+    lines.append(_rounding_line(report.rounding, judged_on))
+    lines.append(_bias_correction_line(report.bias_correction, report.rounding, judged_on))
     if report.cpu_format:
         lines.append(_cpu_format_line(report.cpu_format, report.quantized_nodes))
     out_of_int8 = [f"{len(nodes)} in {precision.upper()}: {', '.join(nodes)}"
                    for precision, nodes in (("fp16", report.fp16_nodes), ("fp32", report.fp32_nodes)) if nodes]
-    lines.append(f"output SQNR against FP32 on the calibration images: {_db(report.output_sqnr_db)}; "
+    lines.append(f"output SQNR against FP32 {judged_on}: {_db(report.output_sqnr_db)}; "
                  + ("; ".join(out_of_int8) if out_of_int8 else "every layer in INT8"))
     if report.guard:
         g = report.guard

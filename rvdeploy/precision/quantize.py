@@ -33,7 +33,7 @@ from rvdeploy.precision.cpu_format import CpuFormat, plan_cpu_format
 from rvdeploy.precision.equalize import EqualizeReport
 from rvdeploy.precision.graph_choice import QuantizeSettings, graph_to_quantize
 from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, fp16_nodes, plan_fp32_nodes
-from rvdeploy.precision.guard import GuardReport, Top1Scorer, check_min_sqnr, fall_back_until_met
+from rvdeploy.precision.guard import GuardReport, Top1Scorer, check_min_sqnr, fall_back_until_met, held_out_split
 from rvdeploy.precision.int8 import encode_weights, quantizable_nodes, quantize_int8
 from rvdeploy.precision.layer_report import LayerRow, layer_rows, plot_layers
 from rvdeploy.precision.mixed import PRECISIONS, MixedGraph, fallback_graph
@@ -195,7 +195,8 @@ class Int8Report:
     calibration_seconds: float
     from_cache: bool
     quantized_nodes: int
-    output_sqnr_db: float  # the written graph's outputs against FP32's, on the calibration images
+    output_sqnr_db: float  # the written graph's outputs against FP32's, on the held-out images (else the calibration ones)
+    held_out_images: int  # calibration images held out to judge every output SQNR on (0: judged on the fitted ones)
     fp16_nodes: list[str] = field(default_factory=list)  # layers taken out of INT8, by the precision they run in
     fp32_nodes: list[str] = field(default_factory=list)
     equalization: EqualizeReport | None = None  # None: --no-equalize
@@ -224,30 +225,32 @@ FLOAT_BY_DESIGN = ("MatMul", "Einsum", "Softmax", "LayerNormalization", "GroupNo
 
 
 class _Corrected:
-    """Candidate graphs with their INT8 layers' bias corrected, each kept only where correction raises
-    its output SQNR on the calibration images; what correction did to each, by its layers out of INT8."""
+    """Candidate graphs with their INT8 layers' bias corrected on ``probe``'s images, each kept only
+    where correction raises its output SQNR on ``judge``'s; what correction did to each, by its layers
+    out of INT8."""
 
-    def __init__(self, graph: onnx.ModelProto, probe: OutputProbe, target: str, what, fitted: frozenset[str]) -> None:
+    def __init__(self, graph: onnx.ModelProto, probe: OutputProbe, judge: OutputProbe, target: str, what,
+                 fitted: frozenset[str]) -> None:
         self.corrector = BiasCorrector(graph, probe.feeds, target, what, fitted)
-        self.probe = probe
+        self.judge = judge
         self.reports: dict[tuple[str, ...], BiasCorrection] = {}  # by layers out of INT8
 
     def __call__(self, candidate: MixedGraph) -> MixedGraph:
         model, layers = self.corrector.correct(candidate.model, candidate.precisions)
-        before = candidate.output_sqnr(self.probe)
+        before = candidate.output_sqnr(self.judge)
         corrected = MixedGraph(model, candidate.precisions, before if not layers else None)
-        after = corrected.output_sqnr(self.probe)
+        after = corrected.output_sqnr(self.judge)
         self.reports[_out_of_int8(candidate)] = BiasCorrection(before, after, after > before, layers)
         return corrected if after > before else candidate
 
 
-def _rounded(graph: onnx.ModelProto, first: MixedGraph, probe: OutputProbe, options: Int8Options,
+def _rounded(graph: onnx.ModelProto, first: MixedGraph, probe: OutputProbe, judge: OutputProbe, options: Int8Options,
              what: str | os.PathLike) -> tuple[MixedGraph, Rounding]:
-    """``first`` (the all-INT8 graph) with adaptive rounding, where its outputs beat nearest rounding's
-    on the calibration images (else ``first`` itself); and what rounding measured."""
+    """``first`` (the all-INT8 graph) with adaptive rounding fitted on ``probe``'s images, where its
+    outputs beat nearest rounding's on ``judge``'s (else ``first`` itself); and what rounding measured."""
     model, rounding = adaptive_rounding(graph, first.model, probe.feeds, options.target, str(what), options.show_progress)
     rounded = MixedGraph(model, first.precisions)
-    rounding.sqnr_before_db, rounding.sqnr_after_db = first.output_sqnr(probe), rounded.output_sqnr(probe)
+    rounding.sqnr_before_db, rounding.sqnr_after_db = first.output_sqnr(judge), rounded.output_sqnr(judge)
     rounding.kept = bool(rounding.weights) and rounding.sqnr_after_db > rounding.sqnr_before_db
     return (rounded if rounding.kept else first), rounding
 
@@ -273,11 +276,16 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         scorer = Top1Scorer(model, labelled_folder(options.val_dir, recipe, options.allow_upscale), recipe, model_path)
     floor = options.min_sqnr or None  # 0: no floor
     guarded = floor is not None or scorer is not None
+    # with a floor, some calibration images are held out: every output SQNR (the floor's, and each
+    # measured choice's) is judged on them, and nothing is fitted to them
+    fitted_images, judged_images = held_out_split(images) if floor is not None else (images, None)
     source_sha256 = sha256_file(model_path)
     with tempfile.TemporaryDirectory(prefix="rvdeploy-int8-") as tmp:
-        probe = OutputProbe(model, images, recipe, model_path)
+        probe = OutputProbe(model, fitted_images, recipe, model_path)
+        judge = OutputProbe(model, judged_images, recipe, model_path) if judged_images else probe
         chosen = graph_to_quantize(model, model_path, source_sha256, options.equalize, QuantizeSettings(
-            options.target, options.method, options.cache_path, options.show_progress), images, recipe, probe, Path(tmp))
+            options.target, options.method, options.cache_path, options.show_progress), fitted_images, recipe, judge,
+            Path(tmp))
         graph, graph_path, calibration, equalization = chosen.model, chosen.path, chosen.calibration, chosen.equalization
         first = chosen.quantized or quantize_int8(graph_path, calibration, options.target)
         cpu_format = None
@@ -291,7 +299,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         uncorrected, sqnr = first.model, {}
         rounding = None
         if options.rounding == "adaptive":
-            first, rounding = _rounded(graph, first, probe, options, model_path)
+            first, rounding = _rounded(graph, first, probe, judge, options, model_path)
 
         def sensitivity() -> dict[str, float]:  # one pass per layer: only for a report, or a guard with work to do
             if not sqnr:
@@ -303,7 +311,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         peaks = functools.cache(lambda: activation_peaks(graph, probe.feeds, model_path))
 
         fitted = frozenset(rounding.biases) if rounding and rounding.kept else frozenset()
-        corrected = _Corrected(graph, probe, options.target, model_path, fitted) if options.bias_correction else None
+        corrected = _Corrected(graph, probe, judge, options.target, model_path, fitted) if options.bias_correction else None
         if corrected:
             first = corrected(first)  # the sensitivity grafts the uncorrected, nearest-rounded layers, one at a time
 
@@ -314,11 +322,11 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
 
         guard_report = None
         if guarded:
-            final, guard_report = fall_back_until_met(model, first, lambda: most_sensitive_first(sensitivity()), build, probe,
+            final, guard_report = fall_back_until_met(model, first, lambda: most_sensitive_first(sensitivity()), build, judge,
                                                       floor, options.max_top1_drop, scorer)
             output_sqnr = guard_report.final_sqnr_db
         else:
-            final, output_sqnr = first, first.output_sqnr(probe)
+            final, output_sqnr = first, first.output_sqnr(judge)
         bias_correction = corrected.reports[_out_of_int8(final)] if corrected else None
     by_precision = {p: [n for n, q in final.precisions.items() if q == p] for p in PRECISIONS}
     report = Int8Report(
@@ -330,6 +338,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         from_cache=calibration.from_cache,
         quantized_nodes=len(by_precision["int8"]),
         output_sqnr_db=output_sqnr,
+        held_out_images=len(judged_images) if judged_images else 0,
         fp16_nodes=by_precision["fp16"],
         fp32_nodes=by_precision["fp32"],
         equalization=equalization,
