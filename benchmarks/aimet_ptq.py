@@ -8,7 +8,7 @@ Runs in a venv of its own (AIMET pins its own onnx and onnxruntime):
 
 It reads every ``*.onnx`` FP32 graph in the folder, ``calib.npy`` (the preprocessed calibration
 images) and ``heldout.npy`` (the held-out split), both written there by benchmarks/int8_robust.py.
-For each graph and recipe (plain; CLE; CLE + AdaRound, 10,000 iterations a layer, AIMET's default;
+For each graph and recipe (plain; CLE; CLE + AdaRound, 10,000 iterations a layer by default, AIMET's;
 CLE + SeqMSE) it writes ``aimet/<graph>_<recipe>.npy``: the logits of AIMET's simulated INT8 graph on
 the held-out images, and ``aimet/aimet.json`` (version, seconds per recipe). int8_robust.py scores
 them in the project's venv. It imports nothing from rvdeploy.
@@ -46,7 +46,8 @@ RECIPES = ("plain", "cle", "cle_adaround", "cle_seqmse")
 BATCH = 32
 
 
-def run_recipe(graph: Path, recipe: str, calib: np.ndarray, heldout: np.ndarray, config: Path) -> np.ndarray:
+def run_recipe(graph: Path, recipe: str, calib: np.ndarray, heldout: np.ndarray, config: Path,
+               iterations: int = 10000) -> np.ndarray:
     import onnx
     from aimet_onnx import QuantizationSimModel, apply_adaround, apply_seq_mse
     from aimet_onnx.cross_layer_equalization import equalize_model
@@ -58,7 +59,7 @@ def run_recipe(graph: Path, recipe: str, calib: np.ndarray, heldout: np.ndarray,
     inputs = [{name: calib[i:i + BATCH]} for i in range(0, len(calib), BATCH)]
     sim = QuantizationSimModel(model, quant_scheme="min_max", config_file=str(config), param_type="int8", activation_type="int8")
     if recipe.endswith("adaround"):
-        apply_adaround(sim, inputs, num_iterations=10000)
+        apply_adaround(sim, inputs, num_iterations=iterations)
     if recipe.endswith("seqmse"):
         apply_seq_mse(sim, inputs)
     sim.compute_encodings(inputs)
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("folder", type=Path, help="Folder with the FP32 graphs, calib.npy and heldout.npy")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="Comma-separated: " + ", ".join(RECIPES))
     parser.add_argument("--graphs", default="*.onnx", help="Glob of the graphs to quantize")
+    parser.add_argument("--iterations", type=int, default=10000, help="AdaRound's iterations a layer (AIMET's default)")
     args = parser.parse_args()
 
     calib, heldout = np.load(args.folder / "calib.npy"), np.load(args.folder / "heldout.npy")
@@ -83,7 +85,7 @@ def main() -> None:
         for graph in sorted(args.folder.glob(args.graphs)):
             for recipe in args.recipes.split(","):
                 start = time.perf_counter()
-                logits = run_recipe(graph, recipe, calib, heldout, config)
+                logits = run_recipe(graph, recipe, calib, heldout, config, args.iterations)
                 out = out_dir / f"{graph.stem}_{recipe}.npy"
                 np.save(out, logits)
                 timings[out.stem] = round(time.perf_counter() - start, 1)

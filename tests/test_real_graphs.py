@@ -9,6 +9,7 @@ scikit-learn's sample photos. Run with `make test-timm` (ultralytics and timm li
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -25,13 +26,15 @@ ultralytics = pytest.importorskip("ultralytics", reason="ultralytics needs torch
                                                         "the CPU torch build: run in .venv-timm (make test-timm)")
 
 SIZE = 160
-CALIB, HELD_OUT = 16, 8
-# Held-out output SQNR floors against FP32, by net. RT-DETR's output follows a TopK over its query
-# scores: low-precision noise reorders near-tied queries, so an element-wise SQNR of its outputs says
-# nothing (None: only that every stage succeeds). YOLOv10n reaches 33 dB in FP16 and 16.6 / 16.2 dB in INT8
-# (tensorrt / onnxruntime; the 20 dB floor holds on the 16 calibration images) here, under the 35 and 18 dB its
-# issue asks: these floors guard what is reached today, the goals stay open (issue 16).
-FLOORS = {"yolov10n": {"fp16": 30.0, "int8": 15.0}, "rtdetr-l": None}
+CALIB, HELD_OUT = 64, 16
+# Held-out output SQNR floors against FP32, by net: the issue's 35 dB (FP16) and 18 dB (INT8, as written
+# by default). RT-DETR's output follows a TopK over its query scores: low-precision noise changes which
+# of its near-tied queries (random weights: scores about 0.07 each) are selected, so its outputs compare
+# by no per-element or matched SQNR (None: only that every stage succeeds). With BN fitted to 16 crops of
+# the two photos and calibrated on them, YOLOv10n scored 33.0 dB (FP16) and 16.0 / 16.2 dB (INT8) on 8
+# others: too few crops, the held-out ones reached activations no calibration crop did (outputs up to 827
+# against at most 636); with 64 crops, 50.1 dB and 25.9 dB on 16 others.
+FLOORS = {"yolov10n": {"fp16": 35.0, "int8": 18.0}, "rtdetr-l": None}
 # INT8 options by net: the defaults, except for RT-DETR-L, whose defaults take about 14 minutes a target
 # at 160 px on 2 cores (nearly all of it per-layer bias correction): there the quick path.
 INT8_OPTIONS = {"yolov10n": (), "rtdetr-l": ("--rounding", "nearest", "--min-sqnr", "0", "--no-bias-correction",
@@ -121,8 +124,9 @@ def test_a_real_graph_through_every_stage(unfolded, images):
     floors = FLOORS[unfolded.stem]
     plain = work / "plain.onnx"
     code, stdout, stderr = run("fuse", unfolded, "-o", plain)
-    assert code == 0, stderr
-    assert _held_out_sqnr(plain, unfolded, held) > 80  # the fold changes nothing but rounding
+    assert code == 0 and re.search(r"self-check\s*│\s*passed", stdout), stderr  # each folded group proven on its own inputs
+    if floors:  # the fold changes nothing but rounding (behind RT-DETR's TopK, rounding reorders tied queries: 55 dB)
+        assert _held_out_sqnr(plain, unfolded, held) > 80
 
     code, _, stderr = run("quantize", plain, "--fp16", "-o", work / "fp16.onnx")
     assert code == 0, stderr

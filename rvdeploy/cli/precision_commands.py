@@ -81,9 +81,7 @@ def _db(value: float) -> str:
 
 def _judged_on(report) -> str:
     """Where the report's output SQNRs were measured."""
-    if report.held_out_images:
-        return f"on {report.held_out_images} held-out calibration images"
-    return "on the calibration images"
+    return f"on {report.held_out_images} held-out calibration images" if report.held_out_images else "on the calibration images"
 
 
 def _bias_correction_line(correction, rounding, judged_on: str) -> str:
@@ -164,7 +162,9 @@ def _int8_summary(report) -> str:
         lines.append(_cpu_format_line(report.cpu_format, report.quantized_nodes))
     out_of_int8 = [f"{len(nodes)} in {precision.upper()}: {', '.join(nodes)}"
                    for precision, nodes in (("fp16", report.fp16_nodes), ("fp32", report.fp32_nodes)) if nodes]
-    lines.append(f"output SQNR against FP32 {judged_on}: {_db(report.output_sqnr_db)}; "
+    compared = (f" (outputs after a TopK compared by the {len(report.compared_tensors)} tensors it selects from; "
+                "--report names them)" if report.compared_tensors else "")
+    lines.append(f"output SQNR against FP32 {judged_on}{compared}: {_db(report.output_sqnr_db)}; "
                  + ("; ".join(out_of_int8) if out_of_int8 else "every layer in INT8"))
     if report.guard:
         g = report.guard

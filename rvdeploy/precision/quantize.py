@@ -197,6 +197,7 @@ class Int8Report:
     quantized_nodes: int
     output_sqnr_db: float  # the written graph's outputs against FP32's, on the held-out images (else the calibration ones)
     held_out_images: int  # calibration images held out to judge every output SQNR on (0: judged on the fitted ones)
+    compared_tensors: list[str]  # what the SQNRs compare where outputs follow a TopK (empty: the graph's outputs)
     fp16_nodes: list[str] = field(default_factory=list)  # layers taken out of INT8, by the precision they run in
     fp32_nodes: list[str] = field(default_factory=list)
     equalization: EqualizeReport | None = None  # None: --no-equalize
@@ -339,6 +340,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         quantized_nodes=len(by_precision["int8"]),
         output_sqnr_db=output_sqnr,
         held_out_images=len(judged_images) if judged_images else 0,
+        compared_tensors=judge.compared or [],
         fp16_nodes=by_precision["fp16"],
         fp32_nodes=by_precision["fp32"],
         equalization=equalization,

@@ -3,9 +3,9 @@ outputs on the calibration images, not each weight rounded to nearest on its own
 
 Layer by layer in graph order, with the layers before it already rounded (so each corrects what
 reaches it from upstream): the layer's input is captured from the INT8 graph, run stepwise (one
-pass for all layers, :mod:`rvdeploy.precision.stepwise`), unfolded into kernel windows at a random sample of output positions (a Gemm's rows as
-they are), and paired with the FP32 graph's outputs of that layer at the same positions, captured
-for every layer in one FP32 pass. The fit (least squares toward FP32, then GPTQ's error-feedback
+pass for all layers, :mod:`rvdeploy.precision.stepwise`), unfolded into kernel windows at a random
+sample of output positions (a Gemm's rows as they are), and paired with the FP32 graph's outputs of
+that layer at the same positions, captured for every layer in one FP32 pass. The fit (least squares toward FP32, then GPTQ's error-feedback
 rounding onto the layer's own grid, regularization chosen by cross-validation) is
 :mod:`rvdeploy.precision.gptq`. Each layer keeps adaptive rounding only where it beats nearest
 rounding on images it was not fitted on.

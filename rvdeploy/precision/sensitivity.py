@@ -21,6 +21,7 @@ from rvdeploy.data import ImageSet
 from rvdeploy.errors import QuantizeError
 from rvdeploy.onnx_io import fixed_batch, ort_session, run_session
 from rvdeploy.precision.calib import QUANTIZED_OPS, model_feeds
+from rvdeploy.precision.selection import selection_free_tensors
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
 
@@ -35,19 +36,41 @@ def flat_outputs(outputs: list[np.ndarray]) -> np.ndarray:
 
 class OutputProbe:
     """The calibration images, preprocessed once, and the FP32 graph's outputs on them: what every
-    candidate graph's outputs are compared with."""
+    candidate graph's outputs are compared with. Outputs that follow a TopK are compared by what the
+    selection reads instead (:mod:`rvdeploy.precision.selection`; ``compared`` names them)."""
 
     def __init__(self, fp32: onnx.ModelProto, images: ImageSet, recipe: Preprocess, what: str | os.PathLike) -> None:
         self.feeds = list(model_feeds(fp32, images, recipe, FEED_BATCH))
         self.fixed_batch = fixed_batch(fp32) is not None
         self.what = what
+        self.compared: list[str] | None = None  # None: the graph's outputs
+        self._suffix = b""  # what makes the compared tensors outputs, appended to a serialized graph
+        candidates = selection_free_tensors(fp32)
+        if candidates:
+            self._expose(fp32, candidates)
+            found = self._run(fp32.SerializeToString(), candidates)
+            rows = [len(next(iter(feed.values()))) for feed in self.feeds]
+            self.compared = [name for k, name in enumerate(candidates)  # float, one row per image
+                             if all(v[k].dtype.kind == "f" and v[k].ndim and len(v[k]) == n for v, n in zip(found, rows))]
+            self.compared = self.compared or None
+            self._expose(fp32, self.compared or [])
         self.reference = self.outputs(fp32)
+
+    def _expose(self, model: onnx.ModelProto, names: list[str]) -> None:
+        """The protobuf that appended to a serialized graph adds ``names`` to its outputs (protobuf merges
+        repeated fields by concatenating them)."""
+        present = {output.name for output in model.graph.output}
+        added = [onnx.ValueInfoProto(name=name) for name in names if name not in present]
+        self._suffix = onnx.ModelProto(graph=onnx.GraphProto(output=added)).SerializeToString() if added else b""
+
+    def _run(self, serialized: bytes, names: list[str] | None) -> list[list[np.ndarray]]:
+        session = ort_session(serialized + self._suffix, name=f"a quantized graph of {self.what}")
+        return [run_session(session, feed, self.what, names) for feed in self.feeds]
 
     def outputs(self, model: onnx.ModelProto | bytes) -> np.ndarray:
         """The outputs of ``model`` (or of its serialization) on the images, a row per image."""
         serialized = model if isinstance(model, bytes) else model.SerializeToString()
-        session = ort_session(serialized, name=f"a quantized graph of {self.what}")
-        return np.concatenate([flat_outputs(run_session(session, feed, self.what)) for feed in self.feeds])
+        return np.concatenate([flat_outputs(values) for values in self._run(serialized, self.compared)])
 
     def first(self, images: int) -> OutputProbe:
         """This probe on its first ``images`` images, sharing their arrays (whole batches where the

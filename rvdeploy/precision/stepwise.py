@@ -9,6 +9,10 @@ changed), and keeps, for every batch, the tensors later parts read until their l
 
 ONNX Runtime fuses nothing across a cut (DQ → Conv → Q into QLinearConv, Conv + ReLU), so values
 equal the whole graph's up to the rounding order of float sums and of those fused kernels.
+
+The price is memory: what is kept is the graph's live tensors for every image at once, where a
+prefix run held one batch (RepVGG-A0's stem output at 224 px is 2.4 MB an image in float32: 0.6 GB
+for 256 calibration images).
 """
 
 from __future__ import annotations
