@@ -130,7 +130,7 @@ def first_output(path: Path, x: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {name: x[i:i + 16]})[0] for i in range(0, len(x), 16)])
 
 
-def score(folder: Path) -> Path:
+def score(folder: Path, remark: str = "") -> Path:
     def seconds_of(path: Path) -> dict:
         return json.loads(path.read_text())["seconds"] if path.exists() else {}
 
@@ -154,7 +154,7 @@ def score(folder: Path) -> Path:
              "defaults (tensorrt layout; the 20 dB floor judges 16 of the 64 crops, fitted on 48), a whole process. "
              "ModelOpt: modelopt.onnx.quantization.quantize, int8, on the 64 crops. AIMET: aimet-onnx with a "
              "TensorRT-like config (benchmarks/aimet_ptq.py). Seconds measured on "
-             f"{machine.get('cpu', 'this CPU')}, one tool after the other; they compare only within this table.")
+             f"{machine.get('cpu', 'this CPU')}, one tool after the other; they compare only within this table. {remark}")
     columns = [("model", "model"), ("tool", "tool"), ("sqnr_db", "held-out SQNR dB"), ("seconds", "seconds")]
     return write_results("int8_real_graphs", rows, columns, notes)
 
@@ -163,11 +163,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=("build", "score"))
     parser.add_argument("folder", type=Path)
+    parser.add_argument("--remark", default="", help="score: what the notes should add about this run")
     args = parser.parse_args()
     if args.step == "build":
         build(args.folder)
     else:
-        print(score(args.folder))
+        print(score(args.folder, args.remark))
 
 
 if __name__ == "__main__":
