@@ -5,6 +5,7 @@ TensorRT-RTX engines (FP32, FP16, INT8) and bench."""
 
 import io
 import math
+import re
 import warnings
 
 import numpy as np
@@ -96,6 +97,8 @@ def test_fp16_takes_shape_arithmetic(hybrid, held_out, tmp_path):
     assert code == 0, stderr
     for ours, ref in zip(_outputs(out, held_out), _outputs(hybrid, held_out)):
         assert sqnr_db(ours, ref) >= 35.0
+    measured = re.search(r"output SQNR against FP32 on them: ([0-9.]+) dB", stdout)  # on its random probes
+    assert measured and float(measured.group(1)) >= 35.0 and "amplifies" not in stdout
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])

@@ -122,6 +122,7 @@ def _cpu_format_line(cpu_format, int8_layers: int) -> str:
 
 
 SKIPPED_SHOWN = 3  # the rest are in --report
+FP16_LOW_SQNR_DB = 35.0  # an FP16 graph below this is called out (healthy ones reach 60-80 dB)
 
 
 def _skipped(skipped) -> str:
@@ -208,9 +209,12 @@ def _summary(report) -> str:
     if isinstance(report, pipeline.Int8Report):
         return _int8_summary(report)
     kept = ", ".join(k.node for k in report.kept_fp32) or "none"
+    low = (f"; under {FP16_LOW_SQNR_DB:g} dB: this graph amplifies FP16 rounding, check it on real inputs"
+           if report.output_sqnr_db < FP16_LOW_SQNR_DB else "")
     return (f"FP16: {report.nodes_fp16} nodes in FP16; kept in FP32: {kept}; "
             f"{report.weights_flushed_to_zero} weights too small for FP16 (flushed to 0); "
-            f"ranges checked on {report.observed_inputs} {report.observed_on}")
+            f"ranges checked on {report.observed_inputs} {report.observed_on}\n"
+            f"output SQNR against FP32 on them: {_db(report.output_sqnr_db)}{low}")
 
 
 @click.command()

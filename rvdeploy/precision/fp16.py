@@ -35,6 +35,9 @@ class Fp16Report:
     weights_flushed_to_zero: int  # non-zero FP32 weights too small for FP16
     observed_inputs: int  # images (or probes) whose activations were checked
     observed_on: str  # "calibration images" or "random probes"
+    # the written graph's outputs against FP32's on those inputs, by ONNX Runtime on this CPU (which computes
+    # FP16 ops it has no kernel for in FP32: the weights' rounding, not every tensor's)
+    output_sqnr_db: float | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -166,11 +166,12 @@ def _fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fo
     if not finite or fitting.hq[0, -1, -1] < MIN_ROWS_PER_COLUMN * fitting.hq.shape[1]:  # the ones column's square: the rows
         return LayerFit(nearest_db, nearest_db, math.nan, None)
     noise: dict[float, float] = {}
+    last = math.inf
     for damping in sorted(DAMPINGS, reverse=True):  # held-out noise is U-shaped in λ: from the largest down, to its low
         noise[damping] = held_out.noise(fit(fitting, reference, scale, damping, with_bias))
-        if len(noise) > 1 and noise[damping] >= noise[previous]:
+        if noise[damping] >= last:
             break
-        previous = damping
+        last = noise[damping]
     damping = min(noise, key=noise.get)
     chosen = fit(fitting + held_out, reference, scale, damping, with_bias) if noise[damping] < nearest_noise else None
     return LayerFit(nearest_db, sqnr_db(held_out.energy, noise[damping]), damping,

@@ -39,8 +39,10 @@ class OutputProbe:
     candidate graph's outputs are compared with. Outputs that follow a TopK are compared by what the
     selection reads instead (:mod:`rvdeploy.precision.selection`; ``compared`` names them)."""
 
-    def __init__(self, fp32: onnx.ModelProto, images: ImageSet, recipe: Preprocess, what: str | os.PathLike) -> None:
-        self.feeds = list(model_feeds(fp32, images, recipe, FEED_BATCH))
+    def __init__(self, fp32: onnx.ModelProto, images: ImageSet | list[dict], recipe: Preprocess | None,
+                 what: str | os.PathLike) -> None:
+        # ``images``: calibration images (read with ``recipe``), or feeds as they are
+        self.feeds = images if isinstance(images, list) else list(model_feeds(fp32, images, recipe, FEED_BATCH))
         self.fixed_batch = fixed_batch(fp32) is not None
         self.what = what
         self.compared: list[str] | None = None  # None: the graph's outputs
@@ -65,7 +67,9 @@ class OutputProbe:
 
     def _run(self, serialized: bytes, names: list[str] | None) -> list[list[np.ndarray]]:
         session = ort_session(serialized + self._suffix, name=f"a quantized graph of {self.what}")
-        return [run_session(session, feed, self.what, names) for feed in self.feeds]
+        fp16 = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}  # a graph with FP16 I/O
+        return [run_session(session, {k: v.astype(np.float16) if k in fp16 else v for k, v in feed.items()}, self.what, names)
+                for feed in self.feeds]
 
     def outputs(self, model: onnx.ModelProto | bytes) -> np.ndarray:
         """The outputs of ``model`` (or of its serialization) on the images, a row per image."""
