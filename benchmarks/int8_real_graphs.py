@@ -67,9 +67,12 @@ def pixels(folder: Path, recipe: Preprocess) -> np.ndarray:
 
 
 def fitted_net(name: str, calib: np.ndarray):
-    """The framework's net with random weights, BN statistics fitted to ``calib`` (a cumulative
-    average over one train-mode pass); a detector's first output only."""
+    """The framework's net with random weights, BN statistics fitted to ``calib`` (as
+    tests/test_real_graphs.py fits its detectors); a detector's first output only."""
     import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_real_graphs import FirstOutput, bn_fitted
 
     torch.manual_seed(0)
     if MODELS[name][0] == "timm":
@@ -78,19 +81,10 @@ def fitted_net(name: str, calib: np.ndarray):
         kwargs = {"img_size": SIZE} if name.startswith("efficientvit") else {}
         net = timm.create_model(name, pretrained=False, **kwargs)
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         import ultralytics
-        from test_real_graphs import FirstOutput
 
         net = FirstOutput(ultralytics.YOLO(f"{name}.yaml").model)
-    for module in net.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.from_numpy(calib))
-    return net.eval()
+    return bn_fitted(net, calib)
 
 
 def build(folder: Path) -> None:

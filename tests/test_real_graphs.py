@@ -81,12 +81,9 @@ class FirstOutput(torch.nn.Module):
         return y
 
 
-def export_fitted(name: str, pixels: np.ndarray, path) -> None:
-    """ultralytics' ``name`` (``yolov10n``, ``rtdetr-l``) from its yaml, random weights with its BN
-    statistics fitted to ``pixels`` (one train-mode pass, a cumulative average), exported unfolded by
-    the TorchScript exporter with a dynamic batch (benchmarks/quantize_time.py builds its net so too)."""
-    torch.manual_seed(0)
-    net = getattr(ultralytics, MODELS[name])(f"{name}.yaml").model
+def bn_fitted(net: torch.nn.Module, pixels: np.ndarray) -> torch.nn.Module:
+    """``net`` in eval mode with its BN statistics fitted to ``pixels`` (one train-mode pass, a
+    cumulative average); benchmarks/int8_real_graphs.py fits its nets so too."""
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -94,9 +91,18 @@ def export_fitted(name: str, pixels: np.ndarray, path) -> None:
     net.train()
     with torch.no_grad():
         net(torch.from_numpy(pixels))
+    return net.eval()
+
+
+def export_fitted(name: str, pixels: np.ndarray, path) -> None:
+    """ultralytics' ``name`` (``yolov10n``, ``rtdetr-l``) from its yaml, random weights with its BN
+    statistics fitted to ``pixels`` (:func:`bn_fitted`), exported unfolded by the TorchScript exporter
+    with a dynamic batch (benchmarks/quantize_time.py builds its net so too)."""
+    torch.manual_seed(0)
+    net = bn_fitted(getattr(ultralytics, MODELS[name])(f"{name}.yaml").model, pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(FirstOutput(net.eval()).eval(), torch.from_numpy(pixels[:1]), str(path), dynamo=False,
+        torch.onnx.export(FirstOutput(net).eval(), torch.from_numpy(pixels[:1]), str(path), dynamo=False,
                           opset_version=17, input_names=["images"], output_names=["output0"],
                           dynamic_axes={"images": {0: "batch"}})
 

@@ -48,15 +48,18 @@ class OutputProbe:
         self.compared: list[str] | None = None  # None: the graph's outputs
         self._suffix = b""  # what makes the compared tensors outputs, appended to a serialized graph
         candidates = selection_free_tensors(fp32)
-        if candidates:
-            self._expose(fp32, candidates)
-            found = self._run(fp32.SerializeToString(), candidates)
-            rows = [len(next(iter(feed.values()))) for feed in self.feeds]
-            self.compared = [name for k, name in enumerate(candidates)  # float, one row per image
-                             if all(v[k].dtype.kind == "f" and v[k].ndim and len(v[k]) == n for v, n in zip(found, rows))]
-            self.compared = self.compared or None
-            self._expose(fp32, self.compared or [])
-        self.reference = self.outputs(fp32)
+        if not candidates:
+            self.reference = self.outputs(fp32)
+            return
+        self._expose(fp32, candidates)
+        found = self._run(fp32.SerializeToString(), candidates)
+        rows = [len(next(iter(feed.values()))) for feed in self.feeds]
+        kept = [k for k in range(len(candidates))  # float, one row per image
+                if all(v[k].dtype.kind == "f" and v[k].ndim and len(v[k]) == n for v, n in zip(found, rows))]
+        self.compared = [candidates[k] for k in kept] or None
+        self._expose(fp32, self.compared or [])
+        self.reference = (np.concatenate([flat_outputs([v[k] for k in kept]) for v in found]) if kept
+                          else self.outputs(fp32))
 
     def _expose(self, model: onnx.ModelProto, names: list[str]) -> None:
         """The protobuf that appended to a serialized graph adds ``names`` to its outputs (protobuf merges
