@@ -160,6 +160,10 @@ def convert_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset(), io_f
         if produced in (np.float16, np.float32) and produced != io_dtype:  # a float output in the other precision
             inner = gs.Variable(f"{tensor.name}_{'fp16' if produced == np.float16 else 'fp32'}", dtype=produced)
             tensor.inputs[0].outputs[tensor.inputs[0].outputs.index(tensor)] = inner
+            for reader in list(tensor.outputs):  # an output nodes read too (a backbone's feature map): read as it is made
+                for k, read in enumerate(reader.inputs):
+                    if read is tensor:
+                        reader.inputs[k] = inner
             graph.nodes.append(gs.Node("Cast", name=f"{tensor.name}/Cast_out", attrs={"to": io_dtype}, inputs=[inner], outputs=[tensor]))
             tensor.dtype = io_dtype
     graph.cleanup().toposort()
