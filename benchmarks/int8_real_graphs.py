@@ -11,8 +11,8 @@ Three steps, each tool in its own venv:
 
     .venv-timm/bin/python benchmarks/int8_real_graphs.py build build/int8_real   # graphs, images, rvdeploy
     for d in build/int8_real/*/; do
-        .venv-modelopt/bin/python benchmarks/modelopt_ptq.py $d --methods entropy
-        .venv-aimet/bin/python benchmarks/aimet_ptq.py $d --recipes cle_adaround --iterations 1000
+        .venv-modelopt/bin/python benchmarks/modelopt_ptq.py $d --methods entropy,max
+        .venv-aimet/bin/python benchmarks/aimet_ptq.py $d --recipes plain,cle,cle_adaround --iterations 200
     done
     .venv/bin/python benchmarks/int8_real_graphs.py score build/int8_real         # the table
 

@@ -11,8 +11,8 @@ from rvdeploy.cli.options import backend_choice, bn_eps_option, recipe_from, rec
 from rvdeploy.cli.render import console, print_json
 from rvdeploy.errors import RvdeployError
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.choices import (DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING, METHODS, ROUNDINGS,
-                                        SENSITIVITY_IMAGES, TARGETS)
+from rvdeploy.precision.choices import (DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING, MAX_HELD_OUT, METHODS,
+                                        MIN_IMAGES_TO_HOLD_OUT, ROUNDINGS, SENSITIVITY_IMAGES, TARGETS)
 
 
 def precision_options(command):
@@ -34,7 +34,8 @@ def precision_options(command):
                      help="With --int8: INT8 weights chosen layer by layer to reproduce each layer's FP32 outputs on the "
                           "calibration images (adaptive), or each rounded to nearest (faster, less accurate)."),
         click.option("--min-sqnr", type=float, help="With --int8: label-free floor: the output SQNR (dB) against FP32 on "
-                     "held-out calibration images (every 4th, at most 32, from 8 images on; nothing is fitted to them) "
+                     f"held-out calibration images (a quarter, at most {MAX_HELD_OUT}, picked with a fixed seed from "
+                     f"{MIN_IMAGES_TO_HOLD_OUT} images on; nothing is fitted to them) "
                      "must reach this; the most sensitive layers leave INT8 until it does "
                      f"[default: {DEFAULT_MIN_SQNR_DB:g}; 0 turns it off, and every image is fitted on]."),
         click.option("--val", "val_dir", type=click.Path(path_type=Path), help="With --int8: validation folder (one sub-folder per class) for the accuracy guard."),

@@ -248,9 +248,10 @@ def activation_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     peaks: dict[str, float] = {}
     # a few images at a time where the batch is dynamic: every tensor of a batch leaves the session at
     # once (RT-DETR-L at 160 px, 32 images a batch: 12 GB)
+    fixed = fixed_batch(model) is not None
     for batch in feeds:
         rows = len(next(iter(batch.values())))
-        step = rows if fixed_batch(model) else PEAK_IMAGES
+        step = rows if fixed else PEAK_IMAGES
         for feed in ({name: value[i:i + step] for name, value in batch.items()} for i in range(0, rows, step)):
             for name, value in zip(names, run_session(session, feed, what, names)):
                 if isinstance(value, np.ndarray) and value.dtype.kind == "f":

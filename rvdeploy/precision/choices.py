@@ -13,3 +13,6 @@ DEFAULT_ROUNDING = "adaptive"  # 1.8x the time of nearest on RepVGG-A0, 224 px, 
 # guard measures every candidate it builds on all of them. YOLOv10n at 320 px, 32 images: the ranking on 8
 # has Spearman 0.9996 with the one on 32 (9 of the 10 most sensitive alike), in 12.7 s instead of 43.8 s.
 SENSITIVITY_IMAGES = 8
+# The label-free floor judges held-out calibration images (rvdeploy.precision.guard.held_out_split): this
+# share of them, at most this many, once there are at least this many images.
+HELD_OUT_SHARE, MAX_HELD_OUT, MIN_IMAGES_TO_HOLD_OUT = 0.25, 32, 8

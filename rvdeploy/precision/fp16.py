@@ -37,7 +37,7 @@ class Fp16Report:
     observed_on: str  # "calibration images" or "random probes"
     # the written graph's outputs against FP32's on those inputs, by ONNX Runtime on this CPU (which computes
     # FP16 ops it has no kernel for in FP32: the weights' rounding, not every tensor's)
-    output_sqnr_db: float | None = None
+    output_sqnr_db: float
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -149,7 +149,8 @@ def fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fol
     """Nearest and adaptive rounding of one layer (``reference``, ``nearest``: (groups, out/groups,
     K + 1) weights and bias). Fitted on the first fold, the λ of :data:`DAMPINGS` that predicts the
     second fold best is chosen (tried from the largest down until the score stops improving), and the
-    layer refitted on both, unless that held-out score does not beat nearest rounding's on the same rows. Rows to fit on fewer than a quarter of the weights in a
+    layer refitted on both, unless that held-out score does not beat nearest rounding's on the same
+    rows. Rows to fit on fewer than a quarter of the weights in a
     row (a wide layer on small feature maps: nothing to learn from), or values that are not finite,
     leave the layer rounded to nearest."""
     with np.errstate(all="ignore"):  # a value that is not finite is caught below, not printed

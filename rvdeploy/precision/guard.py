@@ -20,6 +20,7 @@ import onnx
 from rvdeploy.compare import json_safe
 from rvdeploy.data import ImageSet, batches, pad_batch
 from rvdeploy.errors import QuantizeError
+from rvdeploy.precision.choices import HELD_OUT_SHARE, MAX_HELD_OUT, MIN_IMAGES_TO_HOLD_OUT
 from rvdeploy.onnx_io import fixed_batch, ort_session, run_session
 from rvdeploy.precision.mixed import MixedGraph
 from rvdeploy.precision.sensitivity import FEED_BATCH, OutputProbe
@@ -32,11 +33,10 @@ MAX_MIN_SQNR_DB = 100.0
 # (at most 32), where there are at least 8, picked at random with a fixed seed (a stride aliases with a
 # folder whose images alternate in kind). Judged on the images the ranges, rounding and bias correction
 # were fitted to, a graph scores what it learned by heart (YOLOv10n, 160 px, 16 crops: 29.2 dB there).
-HELD_OUT_SHARE, MAX_HELD_OUT, MIN_IMAGES_TO_HOLD_OUT = 0.25, 32, 8
 
 
 def held_out_split(images: ImageSet) -> tuple[ImageSet, ImageSet | None]:
-    """The calibration images to fit on and those to judge on (:data:`HELD_OUT_SHARE`), each in folder
+    """The calibration images to fit on and those to judge on (:data:`rvdeploy.precision.choices.HELD_OUT_SHARE`), each in folder
     order; None to judge on: too few images to hold any out, so the fitted ones are judged."""
     if len(images) < MIN_IMAGES_TO_HOLD_OUT:
         return images, None
