@@ -384,3 +384,25 @@ def test_a_default_floor_keeps_int8_from_being_silently_bad(work, imbalanced):
     healthy = quantize_int8_file(imbalanced, work / "healthy.onnx", options())
     assert healthy.guard.met and not healthy.guard.fallback
     assert all(row.sqnr_db is None for row in healthy.layers)  # met at once: no layer was measured alone
+
+
+def test_a_large_net_s_summary_names_a_few_layers_and_counts_the_rest():
+    """A 60-layer net: the table shows the 10 lowest SQNR alone in graph order, the out-of-INT8 line the
+    guard's 3 most sensitive and a count; the full lists are for --report."""
+    from types import SimpleNamespace
+
+    from rvdeploy.cli.precision_commands import _first_few, _table_rows
+    from rvdeploy.precision.layer_report import LayerRow
+
+    sqnr = [40.0 + (i * 37) % 60 for i in range(60)]
+    sqnr[7] = None  # not measured: shown last
+    rows = [LayerRow(f"b{i}", f"/b{i}/Conv", "Conv", 2.0, 2.0, None, None, 0.0, 1.0, db, "int8")
+            for i, db in enumerate(sqnr)]
+    shown = _table_rows(rows)
+    worst = sorted((db, i) for i, db in enumerate(sqnr) if db is not None)[:10]
+    assert [row.node for row in shown] == [f"/b{i}/Conv" for i in sorted(i for _, i in worst)]
+    assert _table_rows(rows[:24]) == rows[:24]  # a small net: every layer
+    guard = SimpleNamespace(fallback=["/b9/Conv", "/b2/Conv", "/b5/Conv", "/b1/Conv"])
+    assert _first_few(["/b1/Conv", "/b2/Conv", "/b5/Conv", "/b9/Conv", "/b40/Conv"], guard) == \
+        "/b9/Conv, /b2/Conv, /b5/Conv and 2 more (--report)"
+    assert _first_few(["/b1/Conv", "/b2/Conv"], None) == "/b1/Conv, /b2/Conv"

@@ -135,6 +135,14 @@ def _skipped(skipped) -> str:
     return f"; {len(skipped)} skipped: {shown}{more}"
 
 
+def _first_few(nodes: list[str], guard) -> str:
+    """The first few of ``nodes``, the guard's most sensitive first where it chose them; the count of the rest."""
+    order = {node: i for i, node in enumerate(guard.fallback)} if guard else {}
+    ranked = sorted(nodes, key=lambda node: order.get(node, len(order)))
+    more = f" and {len(ranked) - SKIPPED_SHOWN} more (--report)" if len(ranked) > SKIPPED_SHOWN else ""
+    return ", ".join(ranked[:SKIPPED_SHOWN]) + more
+
+
 def _int8_summary(report) -> str:
     judged_on = _judged_on(report)
     calibrated = "from the cache" if report.from_cache else f"in {report.calibration_seconds:.1f} s"
@@ -162,7 +170,7 @@ def _int8_summary(report) -> str:
     lines.append(_bias_correction_line(report.bias_correction, report.rounding, judged_on))
     if report.cpu_format:
         lines.append(_cpu_format_line(report.cpu_format, report.quantized_nodes))
-    out_of_int8 = [f"{len(nodes)} in {precision.upper()}: {', '.join(nodes)}"
+    out_of_int8 = [f"{len(nodes)} in {precision.upper()}: {_first_few(nodes, report.guard)}"
                    for precision, nodes in (("fp16", report.fp16_nodes), ("fp32", report.fp32_nodes)) if nodes]
     compared = (f" (outputs after a TopK compared by the {len(report.compared_tensors)} tensors it selects from; "
                 "--report names them)" if report.compared_tensors else "")
@@ -184,17 +192,32 @@ def _number(value: float | None, digits: str = ".3g") -> str:
     return "-" if value is None else format(value, digits)
 
 
+TABLE_ROWS, TABLE_WORST = 24, 10  # a net with more layers shows its most sensitive few
+
+
+def _table_rows(layers: list) -> list:
+    """Every layer of a small net; of a larger one the few with the lowest SQNR alone (where measured,
+    else the first few), in graph order."""
+    if len(layers) <= TABLE_ROWS:
+        return layers
+    ranked = sorted(range(len(layers)), key=lambda i: (layers[i].sqnr_db is None, layers[i].sqnr_db or 0.0, i))
+    return [layers[i] for i in sorted(ranked[:TABLE_WORST])]
+
+
 def layer_table(report) -> Table:
     """The per-layer report: block, spreads, input range, SQNR alone, each rounding's layer SQNR (when
     adaptive rounding ran), precision; the node name maps TensorRT layers back."""
+    rows = _table_rows(report.layers)
+    shown = "" if len(rows) == len(report.layers) else (
+        f"; the {len(rows)} most sensitive of {len(report.layers)} layers, every one in --report")
     table = Table(title="INT8 per layer (SQNR alone: output SQNR with only that layer in INT8, on the first "
-                        f"{SENSITIVITY_IMAGES} images)")
+                        f"{SENSITIVITY_IMAGES} images{shown})")
     rounded = report.rounding is not None
     headings = ["block", "op", "weight spread before → after", "input range", "SQNR alone dB"]
     headings += ["layer SQNR dB nearest → adaptive"] if rounded else []
     for heading in [*headings, "precision", "node"]:
         table.add_column(heading, justify="right" if "dB" in heading else "left", overflow="fold")
-    for row in report.layers:
+    for row in rows:
         spread = f"{_number(row.weight_spread_before)} → {_number(row.weight_spread_after)}"
         span = "-" if row.input_min is None else f"{row.input_min:.3g} .. {row.input_max:.3g}"
         sqnr = "-" if row.sqnr_db is None else ("exact" if row.sqnr_db == float("inf") else f"{row.sqnr_db:.1f}")
