@@ -208,8 +208,9 @@ def layer_table(report) -> Table:
     """The per-layer report: block, spreads, input range, SQNR alone, each rounding's layer SQNR (when
     adaptive rounding ran), precision; the node name maps TensorRT layers back."""
     rows = _table_rows(report.layers)
+    measured = any(row.sqnr_db is not None for row in report.layers)
     shown = "" if len(rows) == len(report.layers) else (
-        f"; the {len(rows)} most sensitive of {len(report.layers)} layers, every one in --report")
+        f"; the {len(rows)} {'most sensitive' if measured else 'first'} of {len(report.layers)} layers, every one in --report")
     table = Table(title="INT8 per layer (SQNR alone: output SQNR with only that layer in INT8, on the first "
                         f"{SENSITIVITY_IMAGES} images{shown})")
     rounded = report.rounding is not None
