@@ -23,16 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from rvdeploy.compare import sqnr_db
-from rvdeploy.data import batches, image_folder
 from rvdeploy.onnx_io import ort_session
 from rvdeploy.preprocess import Preprocess
 
 from int8_cpu import write_crops
+from int8_real_graphs import IMAGENET, pixels
 from results_io import write_results
 
 RVDEPLOY = str(Path(sys.executable).with_name("rvdeploy"))
 SIZE, CALIB, HELD_OUT = 160, 64, 16
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SIZED = ("efficientvit", "tiny_vit", "efficientformerv2", "levit")  # timm nets built for one input size
 
 
@@ -41,10 +40,6 @@ def recipe_of(name: str) -> tuple[Preprocess, tuple[str, ...]]:
     flags = ("--mean", ",".join(map(str, mean)), "--std", ",".join(map(str, std)), "--input-size", str(SIZE),
              "--resize", str(SIZE))
     return Preprocess((SIZE, SIZE), SIZE, mean, std), flags
-
-
-def pixels(folder: Path, recipe: Preprocess) -> np.ndarray:
-    return np.concatenate([x for x, _ in batches(image_folder(folder, recipe), recipe, 32)])
 
 
 def fitted_net(name: str, calib: np.ndarray):
