@@ -27,12 +27,11 @@ from rvdeploy.onnx_io import ort_session
 from rvdeploy.preprocess import Preprocess
 
 from int8_cpu import write_crops
-from int8_real_graphs import IMAGENET, pixels
+from int8_real_graphs import IMAGENET, fitted_net, pixels
 from results_io import write_results
 
 RVDEPLOY = str(Path(sys.executable).with_name("rvdeploy"))
 SIZE, CALIB, HELD_OUT = 160, 64, 16
-SIZED = ("efficientvit", "tiny_vit", "efficientformerv2", "levit")  # timm nets built for one input size
 
 
 def recipe_of(name: str) -> tuple[Preprocess, tuple[str, ...]]:
@@ -40,24 +39,6 @@ def recipe_of(name: str) -> tuple[Preprocess, tuple[str, ...]]:
     flags = ("--mean", ",".join(map(str, mean)), "--std", ",".join(map(str, std)), "--input-size", str(SIZE),
              "--resize", str(SIZE))
     return Preprocess((SIZE, SIZE), SIZE, mean, std), flags
-
-
-def fitted_net(name: str, calib: np.ndarray):
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_real_graphs import FirstOutput, bn_fitted
-
-    torch.manual_seed(0)
-    if name.startswith(("yolo", "rtdetr")):
-        import ultralytics
-
-        net = FirstOutput((ultralytics.RTDETR if name.startswith("rtdetr") else ultralytics.YOLO)(f"{name}.yaml").model)
-    else:
-        import timm
-
-        net = timm.create_model(name, pretrained=False, **({"img_size": SIZE} if name.startswith(SIZED) else {}))
-    return bn_fitted(net, calib)
 
 
 def outputs(path: Path, x: np.ndarray) -> np.ndarray:
@@ -84,7 +65,7 @@ def run_net(name: str, root: Path, calib_dir: Path, held_dir: Path) -> dict:
     calib, held = pixels(calib_dir, recipe), pixels(held_dir, recipe)
     unfolded, plain = folder / "unfolded.onnx", folder / "plain.onnx"
     try:
-        net = fitted_net(name, calib)
+        net = fitted_net(name, calib, SIZE)
     except Exception as exc:  # noqa: BLE001 - a net the framework cannot build at this size is a row, not a crash
         return {"name": name, "export": repr(exc)[:200]}
     with warnings.catch_warnings():

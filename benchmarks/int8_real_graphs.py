@@ -45,6 +45,7 @@ from results_io import write_results
 RVDEPLOY = str(Path(sys.executable).with_name("rvdeploy"))
 SIZE, CALIB, HELD_OUT = 160, 64, 32
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SIZED = ("efficientvit", "tiny_vit", "efficientformerv2", "levit")  # timm nets built for one input size
 MODELS = {  # name → (framework, mean and std the net takes)
     "mobileone_s0": ("timm", IMAGENET), "repvgg_a0": ("timm", IMAGENET), "fastvit_sa12": ("timm", IMAGENET),
     "efficientvit_m0": ("timm", IMAGENET), "yolov10n": ("ultralytics", ((0.0,) * 3, (1.0,) * 3)),
@@ -66,24 +67,25 @@ def pixels(folder: Path, recipe: Preprocess) -> np.ndarray:
     return np.concatenate([x for x, _ in batches(image_folder(folder, recipe), recipe, 32)])
 
 
-def fitted_net(name: str, calib: np.ndarray):
-    """The framework's net with random weights, BN statistics fitted to ``calib`` (as
-    tests/test_real_graphs.py fits its detectors); a detector's first output only."""
+def fitted_net(name: str, calib: np.ndarray, size: int = SIZE):
+    """The framework's net (ultralytics' for a ``yolo*`` / ``rtdetr*`` name, else timm's) with random
+    weights, BN statistics fitted to ``calib`` (as tests/test_real_graphs.py fits its detectors); a
+    detector's first output only. benchmarks/every_stage.py builds its nets with it too."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_real_graphs import FirstOutput, bn_fitted
 
     torch.manual_seed(0)
-    if MODELS[name][0] == "timm":
-        import timm
-
-        kwargs = {"img_size": SIZE} if name.startswith("efficientvit") else {}
-        net = timm.create_model(name, pretrained=False, **kwargs)
-    else:
+    if name.startswith(("yolo", "rtdetr")):
         import ultralytics
 
-        net = FirstOutput(ultralytics.YOLO(f"{name}.yaml").model)
+        net = FirstOutput((ultralytics.RTDETR if name.startswith("rtdetr") else ultralytics.YOLO)(f"{name}.yaml").model)
+    else:
+        import timm
+
+        kwargs = {"img_size": size} if name.startswith(SIZED) else {}
+        net = timm.create_model(name, pretrained=False, **kwargs)
     return bn_fitted(net, calib)
 
 
