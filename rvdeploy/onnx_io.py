@@ -28,11 +28,17 @@ _PROTO_LIMIT = 2**31 - 1  # protobuf's limit: larger models keep their weights a
 _STRUCTURE_MARGIN = 2**26  # room for the nodes, names and metadata beside the weights
 
 
-def load_onnx(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
-    """The graph at ``path``, checked by ``onnx.checker``; :class:`OnnxError` when it is not a valid one."""
+def existing_file(path: str | os.PathLike) -> Path:
+    """``path`` when it is a file to read; :class:`OnnxError` saying what it is otherwise."""
     path = Path(path)
     if not path.is_file():
         raise OnnxError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
+    return path
+
+
+def load_onnx(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
+    """The graph at ``path``, checked by ``onnx.checker``; :class:`OnnxError` when it is not a valid one."""
+    path = existing_file(path)
     # The checker reads the file itself, beside the load (it leaves the GIL): from the path, since
     # re-serializing the loaded model would cost more, and a model over 2 GB has no single protobuf.
     with ThreadPoolExecutor(1) as pool:
@@ -43,19 +49,25 @@ def load_onnx(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelP
             raise OnnxError(f"{path}: its external data cannot be read ({first_line(exc)})") from None
         except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError) as exc:
             raise OnnxError(f"{path} is not an ONNX model ({first_line(exc)})") from None
-        if not model.graph.node:
-            raise OnnxError(f"{path} is not an ONNX model (no graph nodes)")
-        if not model.graph.input or not model.graph.output:
-            raise OnnxError(f"{path} is not a usable ONNX model (its graph has no inputs or no outputs)")
-        not_text = _first_non_text(model)
-        if not_text:
-            raise OnnxError(f"{path} is not a valid ONNX graph: {not_text} is not UTF-8 text")
-        try:
-            checked.result()
-        except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-            raise OnnxError(f"{path} is not a valid ONNX graph: {first_line(exc)}") from None
-    check_metadata(read_metadata(model), path)
+        refuse_unusable(model, path, checked.result)
     return model
+
+
+def refuse_unusable(model: onnx.ModelProto, path: Path, check) -> None:
+    """:class:`OnnxError` naming ``path`` when the parsed ``model`` has no nodes, inputs or outputs,
+    a string that is not text, fails ``check()`` (onnx's checker) or has mistyped rvdeploy metadata."""
+    if not model.graph.node:
+        raise OnnxError(f"{path} is not an ONNX model (no graph nodes)")
+    if not model.graph.input or not model.graph.output:
+        raise OnnxError(f"{path} is not a usable ONNX model (its graph has no inputs or no outputs)")
+    not_text = _first_non_text(model)
+    if not_text:
+        raise OnnxError(f"{path} is not a valid ONNX graph: {not_text} is not UTF-8 text")
+    try:
+        check()
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
+        raise OnnxError(f"{path} is not a valid ONNX graph: {first_line(exc)}") from None
+    check_metadata(read_metadata(model), path)
 
 
 def _first_non_text(message) -> str | None:
@@ -106,19 +118,11 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, full_check: bool 
     return path
 
 
-def checked_bytes(model: onnx.ModelProto, full_check: bool = False, weights_from_arrays: bool = False) -> bytes | None:
+def checked_bytes(model: onnx.ModelProto, full_check: bool = False) -> bytes | None:
     """``model``'s deterministic serialization, checked (the bytes a save writes); None when it is
-    too large for one protobuf (its weights must go to external data).
-
-    ``weights_from_arrays``: the large initializers were written from arrays of their declared
-    shape (a graph fold's), so their data is valid by construction: the check runs on
-    :func:`light_copy` instead of a parsed copy of the whole graph (and, with ``full_check``, the
-    copies shape inference makes of it)."""
-    if _weight_bytes(model) > _PROTO_LIMIT - _STRUCTURE_MARGIN:
+    too large for one protobuf (its weights must go to external data)."""
+    if not fits_one_protobuf(model):
         return None
-    if weights_from_arrays:
-        onnx.checker.check_model(light_copy(model), full_check=full_check)
-        return model.SerializeToString(deterministic=True)
     data = model.SerializeToString(deterministic=True)
     onnx.checker.check_model(data, full_check=full_check)  # the bytes written: one serialization, not two
     return data
@@ -127,15 +131,16 @@ def checked_bytes(model: onnx.ModelProto, full_check: bool = False, weights_from
 LIGHT_COPY_ELEMENTS = 4096  # initializers up to this many elements are copied: shape tensors are small
 
 
-def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its large float initializers declared as graph inputs of their type and shape
-    instead of copied: what shape inference and the checker need of a graph of gigabytes, at the
-    cost of its nodes."""
+def _large_float(t: onnx.TensorProto) -> bool:
+    return math.prod(t.dims) > LIGHT_COPY_ELEMENTS and t.data_type == onnx.TensorProto.FLOAT
+
+
+def light_copy(model: onnx.ModelProto, large=_large_float) -> onnx.ModelProto:
+    """``model`` with its large float initializers (those ``large`` picks) declared as graph inputs
+    of their type and shape instead of copied: what shape inference and the checker need of a graph
+    of gigabytes, at the cost of its nodes; and, fed those weights, what ONNX Runtime runs without
+    copying them."""
     graph = model.graph
-
-    def large(t: onnx.TensorProto) -> bool:
-        return math.prod(t.dims) > LIGHT_COPY_ELEMENTS and t.data_type == onnx.TensorProto.FLOAT
-
     inputs = {i.name for i in graph.input}  # an old IR lists its initializers as inputs too
     declared = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                 for t in graph.initializer if large(t) and t.name not in inputs]
@@ -147,11 +152,12 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _weight_bytes(model: onnx.ModelProto) -> int:
-    """The initializers' size from their shapes: what decides whether a model fits one protobuf,
-    without serializing it (``ByteSize`` takes as long as a serialization)."""
-    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-               for t in model.graph.initializer if t.data_type != onnx.TensorProto.STRING)
+def fits_one_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` fits one protobuf, from its initializers' shapes (``ByteSize`` takes as
+    long as a serialization)."""
+    weight_bytes = sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                       for t in model.graph.initializer if t.data_type != onnx.TensorProto.STRING)
+    return weight_bytes <= _PROTO_LIMIT - _STRUCTURE_MARGIN
 
 
 def _save_with_external_data(model: onnx.ModelProto, path: Path, full_check: bool) -> Path:
@@ -274,44 +280,21 @@ def run_session(session, feed: dict, what: str | os.PathLike, output_names: list
 
 
 def run_with_values(model: onnx.ModelProto, feeds: dict, extra_outputs: list[str], what: str,
-                    stored: bytes | str | os.PathLike | None = None, threads: int | None = None,
-                    scratch: bool = False) -> dict:
+                    threads: int | None = None, weights: dict | None = None) -> dict:
     """ONNX Runtime's values (the graph as written, no fusions) of the feeds, the graph outputs and
     ``extra_outputs`` (intermediate tensors, added as outputs for this run only), by name: what a
-    proof captures.
-
-    ``stored``: ``model`` as it is stored, its serialization (bytes) or its file, so that it is not
-    serialized again: the added outputs are appended as a second serialized ``graph`` field, which
-    protobuf merges into the first (repeated fields concatenate). A graph over protobuf's 2 GB runs
-    from a temporary file. ``threads``: ONNX Runtime's intra-op threads (default: its own).
-    ``scratch``: ``stored`` is a file of the caller's own that may be appended to: the added outputs
-    are appended to it while ONNX Runtime loads it, then cut off (its bytes are never copied here)."""
+    proof captures. ``threads``: ONNX Runtime's intra-op threads (default: its own). ``weights``:
+    the model's weights held apart (:mod:`rvdeploy.onnx_weights`), fed to its :func:`light_copy`
+    as inputs, which ONNX Runtime reads where they are."""
     present = {o.name for o in model.graph.output} | set(feeds)
     added = [name for name in extra_outputs if name not in present]
     names = [o.name for o in model.graph.output] + added
-    session = None
-    suffix = onnx.ModelProto(graph=onnx.GraphProto(output=[onnx.ValueInfoProto(name=n) for n in added]))
-    if stored is not None and not isinstance(stored, bytes) and not added:
-        session = ort_session(stored, name=what, optimize=False, threads=threads)  # external data found beside it
-    elif scratch and stored is not None:
-        size = os.path.getsize(stored)
-        with open(stored, "ab") as f:
-            f.write(suffix.SerializeToString())
-        try:
-            session = ort_session(stored, name=what, optimize=False, threads=threads)
-        finally:
-            os.truncate(stored, size)
-    elif stored is not None:
-        data = stored if isinstance(stored, bytes) else Path(stored).read_bytes()
-        try:
-            session = ort_session(data + suffix.SerializeToString() if added else data, name=what, optimize=False,
-                                  threads=threads)
-        except OnnxError:
-            if isinstance(stored, bytes):
-                raise
-            # A file whose weights lie beside it cannot run from its bytes: from the model, below.
-    if session is not None:
-        return {**feeds, **dict(zip(names, run_session(session, feeds, what, names)))}
+    if weights is not None:
+        light = light_copy(model, lambda t: t.name in weights)
+        light.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+        session = ort_session(light.SerializeToString(), name=what, optimize=False, threads=threads)
+        fed = {**feeds, **{value.name: weights[value.name] for value in light.graph.input if value.name in weights}}
+        return {**feeds, **dict(zip(names, run_session(session, fed, what, names)))}
     count = len(model.graph.output)
     model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
     try:

@@ -94,9 +94,23 @@ class _ViewedValues(LazyValues):
         return super().load()
 
 
-def view_initializers(graph: gs.Graph, model: onnx.ModelProto) -> None:
-    """Make ``graph``'s initializers (imported from ``model``) load as :class:`_ViewedValues`."""
+class HeldValues(LazyValues):
+    """The values of an initializer held apart (rvdeploy.onnx_weights): its array. Exported, it is
+    its initializer as it stands, without data."""
+
+    def __init__(self, tensor: onnx.TensorProto, array: np.ndarray):
+        super().__init__(tensor)
+        self.array = array
+
+    def load(self):
+        return self.array
+
+
+def view_initializers(graph: gs.Graph, model: onnx.ModelProto, weights: dict | None = None) -> None:
+    """Make ``graph``'s initializers (imported from ``model``) load as :class:`_ViewedValues`, or
+    as :class:`HeldValues` where ``weights`` holds them apart."""
     initializers = {t.name: t for t in model.graph.initializer}
     for name, tensor in graph.tensors().items():
         if isinstance(tensor, gs.Constant) and name in initializers:
-            tensor.values = _ViewedValues(initializers[name])
+            held = weights.get(name) if weights else None
+            tensor.values = _ViewedValues(initializers[name]) if held is None else HeldValues(initializers[name], held)

@@ -10,11 +10,10 @@ from pathlib import Path
 import onnx
 
 from rvdeploy.errors import OutputError, first_line
-from rvdeploy.files import atomic_output
-from rvdeploy.graphfold.fold import fold_model
+from rvdeploy.graphfold.fold import fold_apart
 from rvdeploy.graphfold.proof import input_graph_values, prove
 from rvdeploy.graphfold.results import GraphFoldError, GraphFoldOptions, GraphFoldProof, GraphFoldReport
-from rvdeploy.onnx_io import checked_bytes, load_onnx, save_onnx
+from rvdeploy.onnx_weights import read_apart, write_apart
 
 
 def _full_check(check):
@@ -26,9 +25,9 @@ def _full_check(check):
 
 
 def _proven(model: onnx.ModelProto, folded: onnx.ModelProto, folds: dict, options: GraphFoldOptions, source: Path,
-            staged: Path | None, input_values) -> GraphFoldProof:
+            input_values, weights: dict, folded_weights: dict) -> GraphFoldProof:
     """The proof; GraphFoldError naming the worst group when it fails (nothing is written then)."""
-    proof = prove(model, folded, folds, options, original_stored=source, folded_stored=staged, input_values=input_values)
+    proof = prove(model, folded, folds, options, input_values, weights, folded_weights)
     if not proof.passed:
         failing = [g for g in proof.groups if not g.passed]
         worst = max(failing, key=lambda g: g.ratio)
@@ -43,8 +42,9 @@ def fold_onnx_file(input_path: str | os.PathLike, output_path: str | os.PathLike
                    options: GraphFoldOptions = GraphFoldOptions()) -> GraphFoldReport:
     """Fold the graph at ``input_path`` and write it to ``output_path``.
 
-    The input is loaded with its external data (:func:`rvdeploy.onnx_io.load_onnx`: a file that is
-    not a valid ONNX graph raises OnnxError, exit 1). With ``options.prove`` every folded node is
+    The input is read with its external data, its weights held apart
+    (:func:`rvdeploy.onnx_weights.read_apart`: a file that is not a valid ONNX graph raises
+    OnnxError, exit 1). With ``options.prove`` every folded node is
     proved against the nodes it replaces before anything is written; a failed proof raises
     :class:`GraphFoldError` (exit 3) naming the worst group. The output passes onnx's full check
     and is byte-deterministic; over 2 GB it is written with external data (``OUT.data``).
@@ -57,24 +57,15 @@ def fold_onnx_file(input_path: str | os.PathLike, output_path: str | os.PathLike
     source, target = Path(input_path), Path(output_path)
     if target.resolve() == source.resolve():
         raise OutputError(f"{target} is the input file: write the folded graph to another path")
-    model = load_onnx(source)
+    # The weights are held apart from the graph's protobuf (rvdeploy.onnx_weights): the input's and
+    # the fold's new ones are each in memory once, however many runs and checks read them.
+    model, weights = read_apart(source)
     with ThreadPoolExecutor(1) as pool:
         # The input graph's run for the proof needs no fold: it runs beside it.
-        input_values = pool.submit(input_graph_values, model, options, source) if options.prove else None
-        folded, report, folds = fold_model(model)
-        # Serialized once (over 2 GB: saved with its weights beside it, checked as it is saved), after
-        # onnx's full check of its structure (its weights are the fold's own arrays). The staged file
-        # is what ONNX Runtime runs for the proof, and what replaces the output once it passed.
-        data = _full_check(lambda: checked_bytes(folded, full_check=True, weights_from_arrays=True))
-        if data is None:
-            if options.prove and folds:
-                report.proof = _proven(model, folded, folds, options, source, None, input_values)
-            _full_check(lambda: save_onnx(folded, target, full_check=True))
-        else:
-            with atomic_output(target) as staged:
-                staged.write_bytes(data)
-                del data
-                if options.prove and folds:
-                    report.proof = _proven(model, folded, folds, options, source, staged, input_values)
+        input_values = pool.submit(input_graph_values, model, options, weights) if options.prove else None
+        folded, folded_weights, report, folds = fold_apart(model, weights)
+        if options.prove and folds:
+            report.proof = _proven(model, folded, folds, options, source, input_values, weights, folded_weights)
+    _full_check(lambda: write_apart(folded, folded_weights, target, full_check=True))
     report.total_seconds = time.perf_counter() - start
     return report

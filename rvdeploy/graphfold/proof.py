@@ -24,7 +24,6 @@ a budget that adds how far the two graphs' values already are apart where they p
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -150,24 +149,24 @@ def check_group(folded: Folded, candidate: Expr, fan_in: int, x: np.ndarray, see
 
 
 def input_graph_values(original: onnx.ModelProto, options: GraphFoldOptions = GraphFoldOptions(),
-                       stored: bytes | os.PathLike | None = None) -> dict:
-    """ONNX Runtime's values of ``original``'s outputs on the proof's probe, on one thread: what a
-    fold is compared with end to end. It needs no fold, so a caller may start it beside the fold."""
+                       weights: dict | None = None) -> dict:
+    """ONNX Runtime's values of ``original``'s outputs (``weights``: its weights held apart) on the
+    proof's probe, on one thread: what a fold is compared with end to end. It needs no fold, so a
+    caller may start it beside the fold."""
     feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
-    return run_with_values(original, feeds, [], "the input graph", stored, 1)
+    return run_with_values(original, feeds, [], "the input graph", 1, weights)
 
 
 def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[str, Folded],
-          options: GraphFoldOptions = GraphFoldOptions(), original_stored: bytes | os.PathLike | None = None,
-          folded_stored: bytes | os.PathLike | None = None, input_values: Future | None = None) -> GraphFoldProof:
+          options: GraphFoldOptions = GraphFoldOptions(), input_values: Future | None = None,
+          weights: dict | None = None, folded_weights: dict | None = None) -> GraphFoldProof:
     """Check each node of ``folded_model`` that a fold made (``folds``, by output tensor) against
     the original nodes it replaces, on its input as ``folded_model`` computes it (a linear map is
     checked on any input; this one is realistic), and a fold that moved a norm across reshapes also
     by its relation to ``original``'s tensor (:func:`check_relation`); compare the graphs end to end
-    for the record. ``original_stored`` (its file or bytes) and ``folded_stored`` (its bytes, or a
-    scratch file of it that the run may append to and cut back) spare serializing the graphs again
-    for ONNX Runtime; ``input_values``: :func:`input_graph_values` already started (run again where a
-    relation needs more of the input graph's tensors)."""
+    for the record. ``input_values``: :func:`input_graph_values` already started (run again where a
+    relation needs more of the input graph's tensors); ``weights``, ``folded_weights``: the two
+    graphs' weights where they are held apart (rvdeploy.onnx_weights)."""
     feeds = probe_feeds(original, options.probe_batch, options.probe_size, options.seed)
     moved = [f for f in folds.values() if f.relation is not None]  # read a tensor the fold changed
     parted = {f.relation.source for f in moved}
@@ -176,11 +175,11 @@ def prove(original: onnx.ModelProto, folded_model: onnx.ModelProto, folds: dict[
     # run waits on a thread a busy core has descheduled.
     with ThreadPoolExecutor(1) as pool:
         if input_values is None or extra:
-            input_values = pool.submit(run_with_values, original, feeds, extra, "the input graph", original_stored, 1)
+            input_values = pool.submit(run_with_values, original, feeds, extra, "the input graph", 1, weights)
         after = run_with_values(folded_model, feeds, sorted({f.input for f in folds.values()} | parted),
-                                "the folded graph", folded_stored, 1, scratch=not isinstance(folded_stored, bytes))
+                                "the folded graph", 1, folded_weights)
         graph = gs.import_onnx(folded_model)
-        view_initializers(graph, folded_model)
+        view_initializers(graph, folded_model, folded_weights)
         tensors = graph.tensors()
         checks = []
         with one_thread():
