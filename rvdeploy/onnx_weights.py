@@ -190,6 +190,7 @@ def read_apart(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, np.n
                 f.seek(offset)
                 if f.readinto(array) != size:
                     raise _Malformed
+                array.flags.writeable = False  # a weight is read, never written: a fold makes new arrays
                 weights[tensor.name] = array
         _hold_external(model, path, weights)  # before the cut tensors are marked: only the file's own
         for index, _, _ in cuts:

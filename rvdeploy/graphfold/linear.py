@@ -78,7 +78,9 @@ def merge(branches: list[AffineMap], coefficients: list[np.ndarray], constant: n
     """``sum_i c_i * branch_i(x) + constant`` as one map (``c_i`` and ``constant`` per output channel).
 
     Conv kernels are added centred into the largest kh x kw and regrouped to the greatest common
-    divisor of the branches' groups; all branches share the stride, the dilation and the channel counts."""
+    divisor of the branches' groups; all branches share the stride, the dilation and the channel counts.
+    A writeable float64 kernel of the merged shape is taken as the sum's start and scaled in place
+    (a kernel of half a gigabyte is not copied): a caller keeps what it reads later read-only."""
     first = branches[0]
     bias = constant.astype(np.float64).copy()
     if first.kind == GEMM:
@@ -95,7 +97,11 @@ def merge(branches: list[AffineMap], coefficients: list[np.ndarray], constant: n
     if full is None:
         weight = np.zeros((first.out_channels, first.in_channels // groups, kh, kw), dtype=np.float64)
     else:
-        weight = coefficients[full][:, None, None, None] * np.asarray(branches[full].weight, np.float64)
+        weight = branches[full].weight
+        if weight.dtype == np.float64 and weight.flags.writeable:  # the branch's own copy: no second array
+            weight *= coefficients[full][:, None, None, None]
+        else:
+            weight = coefficients[full][:, None, None, None] * np.asarray(weight, np.float64)
         bias += coefficients[full] * branches[full].bias
     for index, (branch, c) in enumerate(zip(branches, coefficients)):
         h, w = branch.weight.shape[2:]

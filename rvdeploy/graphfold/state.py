@@ -89,7 +89,7 @@ class FoldState:
         if made is not None and made.exact is not None:  # else its float32 weights, as for any node
             return conv, made.exact.weight, made.exact.bias
         bias = np.zeros(conv.weight.shape[0]) if conv.bias is None else np.asarray(conv.bias, np.float64)
-        return conv, np.asarray(conv.weight, np.float64), bias
+        return conv, np.array(conv.weight, np.float64), bias  # a copy of its own: a merge may scale it in place
 
     def gemm(self, node: gs.Node) -> tuple[np.ndarray, np.ndarray]:
         """The Gemm ``node``'s float64 weight [N, K] and bias [N]."""
@@ -150,6 +150,8 @@ class FoldState:
         nodes = self.graph.nodes
         nodes[next(i for i, n in enumerate(nodes) if n is anchor)] = node  # its place keeps the order topological
         foldable_again = any(_may_fold_through(r) for r in output.outputs)
+        if foldable_again:
+            folded.weight.flags.writeable = False  # kept for a later fold, which reads it
         self.folded[output.name] = Folded(kind, name, source.name, reference, folded if foldable_again else None)
         self.record(kind, output.name, labels)
         return node
