@@ -21,7 +21,7 @@ import torch
 from rvdeploy import __version__
 from rvdeploy.arch import ArchSpec, identify, zoo_spec
 from rvdeploy.errors import ArchError, CheckpointError, RvdeployError, first_line
-from rvdeploy.files import atomic_output, sha256_file
+from rvdeploy.files import FileDigest, atomic_output
 from rvdeploy.layouts import Layout, detect_layout, select_prefix
 from rvdeploy.model import DEFAULT_BN_EPS, expected_shapes
 from rvdeploy.preprocess import Preprocess
@@ -41,7 +41,7 @@ class RawCheckpoint:
     extras: dict  # non-tensor entries next to the tensors: "meta", "preprocess"
     wrapper: str | None
     path: Path
-    sha256: str
+    digest: FileDigest
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # the start of torch.save's (zip) format
@@ -141,7 +141,7 @@ def read_checkpoint(path: str | os.PathLike, key: str | None = None, prefix: str
         tensors = {k.removeprefix(wrapper_prefix): v for k, v in tensors.items()}
     if prefix:
         tensors = select_prefix(tensors, prefix, path)
-    return RawCheckpoint(tensors, extras, wrapper, path, sha256_file(path))
+    return RawCheckpoint(tensors, extras, wrapper, path, FileDigest(path))
 
 
 # -- architecture ----------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def _train_weights(raw: RawCheckpoint, arch: str | None, num_classes: int | None
     return TrainWeights(
         spec=spec,
         tensors=tensors,
-        source=Source(str(raw.path), raw.sha256, layout.name, raw.wrapper),
+        source=Source(str(raw.path), raw.digest, layout.name, raw.wrapper),
         preprocess=_preprocess_from(raw),
         bn_eps=bn_eps,
     )
@@ -302,7 +302,7 @@ def _deploy_weights(raw: RawCheckpoint) -> DeployWeights:
     except ArchError as exc:
         raise CheckpointError(f"{raw.path}: {exc}") from None
     validate(tensors, spec, True, original)
-    source = Source(str(raw.path), raw.sha256, "rvdeploy" if "fold_error" in meta else "official-deploy", raw.wrapper)
+    source = Source(str(raw.path), raw.digest, "rvdeploy" if "fold_error" in meta else "official-deploy", raw.wrapper)
     return DeployWeights(spec=spec, tensors=tensors, meta=meta, preprocess=_preprocess_from(raw), source=source)
 
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +19,21 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class FileDigest:
+    """A file's SHA-256, hashed on a thread of its own from the moment this is made (hashlib leaves
+    the GIL): the work that reads the file meanwhile (a fold and its proof) does not wait for it.
+    :attr:`hex` waits for the digest."""
+
+    def __init__(self, path: str | os.PathLike):
+        pool = ThreadPoolExecutor(1)
+        self._digest = pool.submit(sha256_file, path)
+        pool.shutdown(wait=False)
+
+    @property
+    def hex(self) -> str:
+        return self._digest.result()
 
 
 def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:

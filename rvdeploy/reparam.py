@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -245,22 +246,34 @@ def _prove_blocks(weights: TrainWeights, folded64_of, probe_size: int, batch: in
     """Block by block, in execution order: the block's float64 fold (``folded64_of(block)``) checked
     against its branches on its input, then cast to float32. Both float64 nets run alongside, one
     block at a time, so no whole float64 copy of either net is ever held. Returns the float32 folded
-    tensors, the checks, the probe and both float64 nets' outputs on it."""
+    tensors, the checks, the probe and both float64 nets' outputs on it.
+
+    The next block's fold (its float64 block and float32 weights) and magnitudes are made on a
+    second thread while this one's multi-branch block is built and checked: torch leaves the GIL, so
+    on two cores the two halves of the work, about equal, overlap."""
     spec, f64 = weights.spec, torch.float64
     x = torch.randn(batch, spec.in_channels, probe_size, probe_size, generator=torch.Generator().manual_seed(seed))
     multi_x, fused_x = x.double(), x.double()
     folded32: dict[str, torch.Tensor] = {}
     checks = []
-    with one_thread(), torch.no_grad():  # small convs: one thread, which no busy core can stall. no_grad, not
-        # inference_mode: the float32 tensors made here are the deployed weights, used later under autograd too
+
+    def prepared(block: BlockSpec):
+        folded64 = folded64_of(block)
+        return (build_block(block, True, folded64, dtype=f64), _magnitudes(weights.tensors, block, weights.bn_eps),
+                {k: v.float() for k, v in folded64.items()})
+
+    with one_thread(), torch.no_grad(), ThreadPoolExecutor(1) as pool:  # small convs: one thread each, which no
+        # busy core can stall. no_grad, not inference_mode: the float32 tensors made here are the deployed weights,
+        # used later under autograd too
+        ahead = pool.submit(prepared, spec.blocks[0]) if spec.blocks else None
         for index, block in enumerate(spec.blocks):
-            folded64 = folded64_of(block)
+            fused, magnitudes, block32 = ahead.result()
+            if index + 1 < len(spec.blocks):
+                ahead = pool.submit(prepared, spec.blocks[index + 1])
             multi = build_block(block, False, weights.tensors, weights.bn_eps, f64)
-            fused = build_block(block, True, folded64, dtype=f64)
-            checks.append(_check_block(block, multi, fused, _magnitudes(weights.tensors, block, weights.bn_eps),
-                                       _block_probes(multi_x, seed + 1 + index, block.stride)))
+            checks.append(_check_block(block, multi, fused, magnitudes, _block_probes(multi_x, seed + 1 + index, block.stride)))
             multi_x, fused_x = multi(multi_x), fused(fused_x)
-            folded32.update((k, v.float()) for k, v in folded64.items())
+            folded32.update(block32)
         head = {k: v.float() for k, v in _head(weights).items()}
         return folded32 | head, checks, x, _logits(weights, multi_x), _logits(weights, fused_x)
 

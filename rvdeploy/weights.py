@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from rvdeploy.arch import ArchSpec
+from rvdeploy.files import FileDigest
 from rvdeploy.model import DEFAULT_BN_EPS, RepVGG, build_model
 from rvdeploy.preprocess import Preprocess
 
@@ -19,9 +20,13 @@ class Source:
     """Where weights came from."""
 
     path: str
-    sha256: str
+    digest: FileDigest
     layout: str  # "official", "timm", "mmpretrain" or "rvdeploy" (a fused file)
     wrapper: str | None = None  # the entry of a wrapped checkpoint that held the tensors
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.hex
 
 
 @dataclass
