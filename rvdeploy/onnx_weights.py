@@ -161,7 +161,9 @@ def _hold_external(model: onnx.ModelProto, path: Path, weights: dict[str, np.nda
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
         if tensor.data_type == onnx.TensorProto.FLOAT and math.prod(tensor.dims) > LIGHT_COPY_ELEMENTS:
-            weights[tensor.name] = onnx.numpy_helper.to_array(tensor).copy()
+            array = onnx.numpy_helper.to_array(tensor).copy()
+            array.flags.writeable = False
+            weights[tensor.name] = array
             tensor.ClearField("raw_data")
             mark_held(tensor)
 

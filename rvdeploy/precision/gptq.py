@@ -115,10 +115,27 @@ def gptq(target: np.ndarray, upper: np.ndarray, scale: np.ndarray, rounded: int)
     return integers, weights[:, :, rounded:]
 
 
-def fit(grams: Grams, reference: np.ndarray, scale: np.ndarray, damping: float, with_bias: bool) -> np.ndarray:
-    """What adaptive rounding chooses on ``grams`` with regularization ``damping`` (× the mean of diag H):
-    (groups, out/groups, K + 1), the integers times ``scale``, then the bias (``reference``'s last
-    column, fitted too when ``with_bias``). ``reference``: the FP32 weights and bias, alike."""
+@dataclass(frozen=True)
+class Solved:
+    """The least-squares weights W* of one layer for one λ (``weights``: groups, out/groups, K + 1, the
+    bias last, fixed or fitted) and the factor GPTQ rounds them with."""
+
+    weights: np.ndarray
+    upper: np.ndarray
+    scale: np.ndarray
+
+    def rounded(self) -> np.ndarray:
+        """W* on the grid by GPTQ, the bias (when fitted) taking what rounding leaves: alike (groups, out/groups, K + 1)."""
+        k = self.weights.shape[2] - 1
+        with_bias = self.upper.shape[1] == k + 1
+        integers, free = gptq(self.weights[:, :, :self.upper.shape[1]], self.upper, self.scale, k)
+        return np.concatenate([integers * self.scale[..., None], free if with_bias else self.weights[:, :, k:]], axis=2)
+
+
+def solve(grams: Grams, reference: np.ndarray, scale: np.ndarray, damping: float, with_bias: bool) -> Solved:
+    """The unconstrained step of adaptive rounding on ``grams`` with regularization ``damping`` (× the
+    mean of diag H). ``reference``: the FP32 weights and bias (groups, out/groups, K + 1); the bias is
+    fitted too when ``with_bias``, else kept."""
     k = reference.shape[2] - 1
     columns = k + 1 if with_bias else k
     hq, cross = grams.hq[:, :columns, :columns], grams.cross[:, :columns]
@@ -134,8 +151,13 @@ def fit(grams: Grams, reference: np.ndarray, scale: np.ndarray, damping: float, 
     # argmin ‖Y − X̃q·W*ᵀ‖² + λ‖W* − W‖²: (H + λ)·W*ᵀ = C + λ·Wᵀ, with (H + λ)⁻¹ = Uᵀ·U
     right = cross + penalty[:, None, None] * reference[:, :, :columns].transpose(0, 2, 1)
     best = (upper.transpose(0, 2, 1) @ (upper @ right)).transpose(0, 2, 1)
-    integers, free = gptq(best, upper, scale, k)
-    return np.concatenate([integers * scale[..., None], free if with_bias else reference[:, :, k:]], axis=2)
+    return Solved(best if with_bias else np.concatenate([best, reference[:, :, k:]], axis=2), upper, scale)
+
+
+def fit(grams: Grams, reference: np.ndarray, scale: np.ndarray, damping: float, with_bias: bool) -> np.ndarray:
+    """What adaptive rounding chooses on ``grams`` with regularization ``damping``: (groups,
+    out/groups, K + 1), the integers times ``scale``, then the bias (:func:`solve`, then GPTQ)."""
+    return solve(grams, reference, scale, damping, with_bias).rounded()
 
 
 @dataclass(frozen=True)
@@ -153,8 +175,9 @@ def fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fol
     second fold best is chosen (tried from the largest down until the score stops improving), and the
     layer refitted on both, unless that held-out score does not beat nearest rounding's on the same
     rows. Rows to fit on fewer than a quarter of the weights in a
-    row (a wide layer on small feature maps: nothing to learn from), or values that are not finite,
-    leave the layer rounded to nearest."""
+    row (a wide layer on small feature maps: nothing to learn from), values that are not finite, or
+    unrounded least-squares weights (at the largest λ) no better than nearest rounding on the second
+    fold leave the layer rounded to nearest, its adaptive SQNR reported as nearest's."""
     with np.errstate(all="ignore"):  # a value that is not finite is caught below, not printed
         return _fit_layer(reference, nearest, scale, folds, with_bias)
 
@@ -171,7 +194,13 @@ def _fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fo
     noise: dict[float, float] = {}
     last = math.inf
     for damping in sorted(DAMPINGS, reverse=True):  # held-out noise is U-shaped in λ: from the largest down, to its low
-        noise[damping] = held_out.noise(fit(fitting, reference, scale, damping, with_bias))
+        solved = solve(fitting, reference, scale, damping, with_bias)
+        if not noise and held_out.noise(solved.weights) >= nearest_noise:
+            # even unrounded, the least-squares weights score no better than nearest here: rounding them only
+            # adds to their error (YOLOv10n: 48 of 83 layers, the largest ones; the one of them adaptive
+            # rounding kept gained 1e-4 dB)
+            return LayerFit(nearest_db, nearest_db, math.nan, None)
+        noise[damping] = held_out.noise(solved.rounded())
         if noise[damping] >= last:
             break
         last = noise[damping]

@@ -40,6 +40,7 @@ from rvdeploy.precision.mixed import PRECISIONS, MixedGraph, fallback_graph
 from rvdeploy.precision.rounding import Rounding, adaptive_rounding
 from rvdeploy.precision.sensitivity import OutputProbe, layer_sqnr, most_sensitive_first
 from rvdeploy.preprocess import Preprocess
+from rvdeploy.probes import one_thread
 
 FP16_PROBES = 8
 
@@ -283,7 +284,9 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     # measured choice's) is judged on them, and nothing is fitted to them
     fitted_images, judged_images = held_out_split(images) if floor is not None else (images, None)
     source_sha256 = sha256_file(model_path)
-    with tempfile.TemporaryDirectory(prefix="rvdeploy-int8-") as tmp:
+    # numpy's and scipy's BLAS (two OpenBLAS pools) on one thread: between ONNX Runtime's runs, two pools of
+    # two threads each on two cores waited on each other (a 577-column Cholesky took 6 ms to 170 ms)
+    with tempfile.TemporaryDirectory(prefix="rvdeploy-int8-") as tmp, one_thread():
         probe = OutputProbe(model, fitted_images, recipe, model_path)
         judge = OutputProbe(model, judged_images, recipe, model_path) if judged_images else probe
         chosen = graph_to_quantize(model, model_path, source_sha256, options.equalize, QuantizeSettings(
