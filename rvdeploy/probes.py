@@ -115,7 +115,8 @@ def corner(x, kernels, strides, dilations=None, fields: int = 1):
 def one_thread() -> Iterator[None]:
     """BLAS (and torch, where it is loaded) on one thread: a proof's small checks gain nothing from
     more, and on a busy machine a thread pool waits on a descheduled peer (425 small float64 torch
-    convolutions: 0.9 s idle, 111 s with another process on one of two cores)."""
+    convolutions: 0.9 s idle, 111 s with another process on one of two cores); the quantizer's fits,
+    between ONNX Runtime's runs, stalled the same way on numpy's and scipy's two pools."""
     from threadpoolctl import threadpool_limits
 
     torch = sys.modules.get("torch")
