@@ -11,6 +11,11 @@ whose data lies "externally", at :data:`HELD`: no file, the caller's dict of arr
 What is held apart is what :func:`rvdeploy.onnx_io.light_copy` declares instead of copying (float32
 of over ``LIGHT_COPY_ELEMENTS`` elements), so shape inference and the checker run on the graph as
 they do on a loaded one.
+
+The reader walks protobuf's wire format, three levels deep (model → graph → initializer), only to
+cut the weights' bytes out before protobuf parses the rest: neither onnx nor protobuf can parse a
+message without copying its bytes fields. Everything else (the graph, its checks and edits) is the
+ordinary ModelProto and onnx-graphsurgeon.
 """
 
 from __future__ import annotations
