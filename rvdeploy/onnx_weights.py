@@ -121,14 +121,15 @@ def _structure(data) -> tuple[bytes, list[tuple[int, int, int]]]:
             continue
         graph = []
         for g_field, g_wire, g_start, g_value, g_end in _fields(data, value_start, value_end):
-            cut = _tensor_without_raw_data(data, g_value, g_end) if (g_field, g_wire) == (_GRAPH_INITIALIZER, _LENGTH) else None
+            initializer = (g_field, g_wire) == (_GRAPH_INITIALIZER, _LENGTH)
+            cut = _tensor_without_raw_data(data, g_value, g_end) if initializer else None
             if cut is None:
                 graph.append(data[g_start:g_end])
             else:
                 tensor, (offset, size) = cut
                 graph += [_length_field(_GRAPH_INITIALIZER, len(tensor)), tensor]
                 cuts.append((index, offset, size))
-            index += (g_field, g_wire) == (_GRAPH_INITIALIZER, _LENGTH)
+            index += initializer
         graph_bytes = b"".join(graph)
         model += [_length_field(_MODEL_GRAPH, len(graph_bytes)), graph_bytes]
     return b"".join(model), cuts
@@ -231,12 +232,10 @@ def write_apart(model: onnx.ModelProto, weights: dict[str, np.ndarray], path: st
     if not fits_one_protobuf(model):
         return save_onnx(materialized(model, weights), path, full_check)
     head = onnx.ModelProto()
-    head.CopyFrom(model)
+    head.CopyFrom(model)  # the structure alone: the weights held apart are not in it
+    del head.graph.initializer[:]
+    graph_bytes = head.graph.SerializeToString(deterministic=True)
     head.ClearField("graph")
-    graph = onnx.GraphProto()
-    graph.CopyFrom(model.graph)
-    del graph.initializer[:]
-    graph_bytes = graph.SerializeToString(deterministic=True)
     entries = []  # (header bytes, array or None)
     for tensor in model.graph.initializer:
         if not is_held(tensor):
