@@ -36,22 +36,27 @@ HERE = cpu_int8_class()
     {},
     {"strides": [2, 2], "pads": [1, 1, 1, 1]},
     {"dilations": [2, 3], "pads": [2, 3, 1, 0], "group": 2},
-    {"group": 4, "pads": [1, 1, 1, 1]},  # depthwise
+    {"group": 4, "pads": [1, 1, 1, 1]},  # depthwise at 4 channels
 ])
-def test_unfolded_windows_times_weights_are_the_convolution(attrs):
+@pytest.mark.parametrize("channels", [4, 24])  # windows gathered channels-first, and channels-last (6+ a group)
+def test_unfolded_windows_times_weights_are_the_convolution(attrs, channels):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 4, 9, 11)).astype(np.float32)
+    x = rng.standard_normal((3, channels, 9, 11)).astype(np.float32)
     groups = attrs.get("group", 1)
-    w = rng.standard_normal((8, 4 // groups, 3, 2)).astype(np.float32)
+    w = rng.standard_normal((8, channels // groups, 3, 2)).astype(np.float32)
     top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
     padded = torch.nn.functional.pad(torch.from_numpy(x), (left, right, top, bottom))
     y = torch.nn.functional.conv2d(padded, torch.from_numpy(w), stride=attrs.get("strides", [1, 1]),
                                    dilation=attrs.get("dilations", [1, 1]), groups=groups).numpy()
-    positions = gptq.output_positions(3, y.shape[2], y.shape[3], 40, rng)
-    rows = gptq.unfold(x, attrs, (3, 2), positions)  # (rows, groups, K)
-    per_group = w.reshape(groups, 8 // groups, -1)
+    positions = gptq.output_positions(3, y.shape[2], y.shape[3], 60, rng)
+    last = gptq.channels_last(x.shape, (3, 2), groups, len(positions[0]))
+    assert last == (channels // groups >= 6)  # 60 windows of 6 taps read the 3 x 9 x 11 input over
+    rows = gptq.unfold(gptq.kernel_windows(x, attrs, (3, 2), last), attrs, positions)  # (rows, groups, K), window order
+    order = gptq.window_order((3, 2), channels // groups, last)[:-1]
+    per_group = np.empty((groups, 8 // groups, rows.shape[2]), np.float32)
+    per_group[:, :, order] = w.reshape(groups, 8 // groups, -1)  # the weights in window order
     computed = np.einsum("rgk,gok->rgo", rows, per_group).reshape(len(rows), 8)
-    assert np.allclose(computed, y[positions[0], :, positions[1], positions[2]], atol=1e-5)
+    assert np.allclose(computed, y[positions[0], :, positions[1], positions[2]], atol=1e-4)
 
 
 def _layer(rng, rows=2000, k=24, out=6, steps=8):
@@ -113,6 +118,30 @@ def test_fit_beats_nearest_on_rows_it_never_saw_and_stays_on_the_grid():
     assert unseen.noise(result.chosen) < unseen.noise(nearest)
     fixed = gptq.fit_layer(reference, nearest, scale, folds, with_bias=False)  # a bias that may not change stays
     assert fixed.chosen is not None and np.array_equal(fixed.chosen[:, :, -1], reference[:, :, -1])
+
+
+def test_where_weights_cannot_gain_the_bias_alone_is_refitted_on_held_out_evidence():
+    """The rows fitted on carry an error that only looks like a function of the input (a spurious
+    dependence on its noise, absent from the held-out rows): weights fitted to it score worse there than
+    nearest rounding. Both folds carry a shift of every output, which the bias alone takes up."""
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.standard_normal((2000, 1, 20))).astype(np.float32)
+    w, b = rng.standard_normal((1, 4, 20)), rng.standard_normal((1, 4, 1))
+    noise = 0.02 * rng.standard_normal(x.shape)
+    xq = (x + noise).astype(np.float32)
+    y = np.einsum("rgk,gok->rgo", x, w) + b[:, :, 0] + 0.1
+    y[0::2] += np.einsum("rgk,gok->rgo", noise, 30 * rng.standard_normal((1, 4, 20)))[0::2]
+    y = y.astype(np.float32)
+    reference, scale = np.concatenate([w, b], axis=2), np.abs(w).max(axis=2) / 127
+    nearest = np.concatenate([np.round(w / scale[..., None]) * scale[..., None], b], axis=2)
+    folds = (gptq.Grams.of(xq[0::2], y[0::2]), gptq.Grams.of(xq[1::2], y[1::2]))
+    result = gptq.fit_layer(reference, nearest, scale, folds, with_bias=True)
+    assert result.bias_only and result.bias_chosen and result.adaptive_sqnr_db > result.nearest_sqnr_db + 1
+    assert np.array_equal(result.chosen[:, :, :-1], nearest[:, :, :-1])  # nearest's integers
+    residual = y - np.einsum("rgk,gok->rgo", xq.astype(np.float64), nearest[:, :, :-1])
+    np.testing.assert_allclose(result.chosen[0, :, -1], residual.mean(axis=0)[0], rtol=1e-5)  # least squares: the mean
+    fixed = gptq.fit_layer(reference, nearest, scale, folds, with_bias=False)  # a bias that may not change: nothing to do
+    assert fixed.chosen is None and not fixed.bias_chosen
 
 
 # -- the digits model -----------------------------------------------------------------------

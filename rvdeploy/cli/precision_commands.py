@@ -88,9 +88,11 @@ def _judged_on(report) -> str:
 def _bias_correction_line(correction, rounding, judged_on: str) -> str:
     if correction is None:
         return "bias correction: off (--no-bias-correction)"
-    fitted = len(rounding.biases) if rounding and rounding.kept else 0
+    chosen = len(rounding.bias_chosen) if rounding and rounding.kept else 0
     if not correction.layers:
-        return (f"bias correction: none needed ({fitted} INT8 biases fitted by adaptive rounding)" if fitted
+        refitted = len(rounding.biases) if chosen else 0
+        return (f"bias correction: none needed (adaptive rounding chose {chosen} INT8 layers' biases on held-out rows: "
+                f"{refitted} refitted, {chosen - refitted} kept)" if chosen
                 else "bias correction: no INT8 layer with a bias it can correct")
     measured = f"output SQNR {_db(correction.sqnr_before_db)} → {_db(correction.sqnr_after_db)} {judged_on}"
     if not correction.kept:
@@ -107,8 +109,10 @@ def _rounding_line(rounding, judged_on: str) -> str:
         return f"rounding: adaptive not kept ({measured}: no better); to nearest"
     gains = sorted(((layer.adaptive_sqnr_db - layer.nearest_sqnr_db, layer.node) for layer in adaptive), reverse=True)
     best = ", ".join(f"{node} +{gain:.1f} dB" for gain, node in gains[:SKIPPED_SHOWN])
-    return (f"rounding: adaptive in {len(adaptive)} of {len(rounding.layers)} INT8 layers (the rest to nearest: no better "
-            f"on held-out rows), {measured}; largest layer gains: {best}")
+    bias_only = sum(layer.bias_only for layer in adaptive)
+    return (f"rounding: adaptive in {len(adaptive) - bias_only} of {len(rounding.layers)} INT8 layers, only the bias "
+            f"refitted in {bias_only} (the rest to nearest: no better on held-out rows), {measured}; largest layer "
+            f"gains: {best}")
 
 
 def _cpu_format_line(cpu_format, int8_layers: int) -> str:

@@ -20,6 +20,7 @@ layout's is int32 at scale (input scale x weight scale), so its correction is ro
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -163,8 +164,12 @@ class BiasCorrector:
         # while every layer before them is INT8
         self.layers, self.fitted = quantizable_nodes(fp32), fitted  # graph order
         self.ranks = output_ranks(fp32, self.layers)
-        self.feeds, self.target, self.what = feeds, target, what
-        self.reference = channel_means(fp32, self.ranks, feeds, what)
+        self.fp32, self.feeds, self.target, self.what = fp32, feeds, target, what
+
+    @functools.cached_property
+    def reference(self) -> dict[str, np.ndarray]:
+        """The FP32 layer means: one pass, made when a candidate first has a layer to correct."""
+        return channel_means(self.fp32, self.ranks, self.feeds, self.what)
 
     def correct(self, quantized: onnx.ModelProto, precisions: dict[str, str]) -> tuple[onnx.ModelProto, list[LayerBiasCorrection]]:
         """``quantized`` (the target's layout; ``precisions``: each Conv/Gemm's) with the bias of each
@@ -178,6 +183,8 @@ class BiasCorrector:
             # a fitted bias is in effect where no layer up to it left INT8 (rvdeploy.precision.rounding.Rounding.apply)
             if upstream[-1] == "int8" and not (name in self.fitted and all(p == "int8" for p in upstream)):
                 measured.append(name)
+        if not measured:
+            return quantized, []
         corrected = _BiasWriter(quantized)  # the protobuf, kept in step with the graph's corrected biases
         outputs = {name: nodes[name].outputs[0].name for name in measured}
         run = StepwiseRun(corrected.model, list(outputs.values()), self.feeds, f"the bias-correction pass of {self.what}")

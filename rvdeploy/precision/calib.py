@@ -26,7 +26,7 @@ from rich.progress import Progress
 from rvdeploy.data import ImageSet, batches, pad_batch
 from rvdeploy.errors import RvdeployError, first_line
 from rvdeploy.files import atomic_output
-from rvdeploy.onnx_io import ORT_QUIET, fixed_batch, ort_errors, ort_session, run_session
+from rvdeploy.onnx_io import ORT_QUIET, fixed_batch, ort_errors, ort_session, run_session, save_onnx
 from rvdeploy.precision.choices import METHODS
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.progress import progress_bar
@@ -194,6 +194,10 @@ def measure_ranges(model_path: str | os.PathLike, images: ImageSet, recipe: Prep
     from onnxruntime.quantization import create_calibrator, save_tensors_data
 
     model = onnx.load(str(model_path), load_external_data=False)
+    if method != "minmax" and fixed_batch(model) is None:
+        # onnxruntime's histogram calibrators stack every batch's values into one array: a short last batch
+        # failed there ("inhomogeneous shape"), so the batches split the images evenly
+        batch_size = next(size for size in range(min(batch_size, len(images)), 0, -1) if len(images) % size == 0)
     with tempfile.TemporaryDirectory(prefix="rvdeploy-calib-") as tmp, quiet_onnxruntime_tools():
         calibrator = create_calibrator(
             Path(model_path), list(CALIBRATED_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
@@ -258,3 +262,71 @@ def activation_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                     peak = float(np.abs(value).max()) if value.size else 0.0
                     peaks[name] = max(peaks.get(name, 0.0), peak)
     return peaks
+
+
+@dataclass(frozen=True)
+class Twin:
+    """A graph that computes what the calibrated one does with some tensors scaled per channel (the
+    equalized graph): ``rescaled`` maps each to its factor, shaped to broadcast along axis 1 (the
+    twin's value is the calibrated graph's times it)."""
+
+    sha256: str
+    rescaled: dict[str, np.ndarray]
+
+
+def _with_rescaled_copies(model: onnx.ModelProto, rescaled: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """``model`` with a copy of each ``rescaled`` tensor times its factor, made by an op the calibrator
+    measures (a depthwise 1x1 Conv; a Gemm by the diagonal for a 2-D tensor); and copy → tensor."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    copies = {}
+    for index, (tensor, factor) in enumerate(rescaled.items()):
+        copy, weight = f"{tensor}/rvdeploy_twin_{index}", f"rvdeploy_twin_{index}/weight"
+        channels = factor.size
+        if factor.ndim == 2:
+            values = np.diag(factor.reshape(-1)).astype(np.float32)
+            node = onnx.helper.make_node("Gemm", [tensor, weight], [copy], name=copy)
+        else:
+            values = factor.reshape((channels, 1) + (1,) * (factor.ndim - 2)).astype(np.float32)
+            node = onnx.helper.make_node("Conv", [tensor, weight], [copy], name=copy, group=channels,
+                                         kernel_shape=[1] * (factor.ndim - 2))
+        augmented.graph.node.append(node)
+        augmented.graph.initializer.append(onnx.numpy_helper.from_array(values, weight))
+        copies[copy] = tensor
+    return augmented, copies
+
+
+def calibrate_twins(model: onnx.ModelProto, model_path: str | os.PathLike, model_sha256: str, twin: Twin, images: ImageSet,
+                    recipe: Preprocess, method: str, cache_path: str | os.PathLike | None = None,
+                    show_progress: bool = True) -> tuple[Calibration, Calibration]:
+    """The calibrations of ``model`` (read from ``model_path``) and of its ``twin``, from one pass over ``images``: the twin's
+    rescaled tensors are measured as copies scaled in the calibrated graph. They are the same values
+    up to float32 rounding: equalization is exact (:mod:`rvdeploy.precision.equalize`). Both are
+    read from ``cache_path`` when it holds both, else measured and stored."""
+    keys = [cache_key(sha256, method, images) for sha256 in (model_sha256, twin.sha256)]
+    cache = _read_cache(Path(cache_path)) if cache_path else None
+    if cache is not None and all(key in cache["entries"] for key in keys):
+        return tuple(Calibration(_checked_entry(cache["entries"][key], Path(cache_path), method, model_path), method,
+                                 len(images), 0.0, from_cache=True) for key in keys)
+    # what the calibrator measures in the graph itself (a rescaled tensor may be measured only as a copy's input)
+    measured_here = {name for node in model.graph.node if node.op_type in CALIBRATED_OPS for name in (*node.input, *node.output)}
+    augmented, copies = _with_rescaled_copies(model, twin.rescaled)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rvdeploy-twin-") as tmp:
+        both = measure_ranges(save_onnx(augmented, Path(tmp) / "with_copies.onnx"), images, recipe, method,
+                              show_progress=show_progress)
+    seconds = time.perf_counter() - start
+    data = both["data"]
+    own = {name: value for name, value in data.items() if name not in copies and (name not in twin.rescaled or name in measured_here)}
+    twin_data = dict(own)
+    twin_data.update({tensor: data[copy] for copy, tensor in copies.items() if tensor in own})
+    calibrations = []
+    for key, ranges in zip(keys, ({**both, "data": own}, {**both, "data": twin_data})):
+        _require_finite(ranges, model_path)
+        calibrations.append(Calibration(ranges, method, len(images), seconds, from_cache=False))
+        if cache is not None:
+            cache["entries"][key] = ranges
+    if cache is not None:
+        with atomic_output(cache_path) as tmp_cache:
+            tmp_cache.write_text(json.dumps(cache))
+    return tuple(calibrations)

@@ -66,6 +66,9 @@ class EqualizeReport:
     sqnr_equalized_db: float | None = None
     sqnr_plain_db: float | None = None
     kept: bool = True
+    # tensor → the factor per channel (shaped to broadcast along axis 1) that equalization multiplies it
+    # by: each first layer's output and what lies between it and its second; None where a rank is unknown
+    rescaled: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def nothing_to_equalize(self) -> bool:
@@ -342,10 +345,30 @@ def equalize_graph(model: onnx.ModelProto, prove: bool = True, probe_size: int =
             break
     equalized = weights.write(model)
     scales = [1.0 / weights.layer(p.first).out_scale for p in pairs]  # the first's output channel c was divided by scale[c]
-    return equalized, EqualizeReport(
+    report = EqualizeReport(
         [EqualizedPair(node_label(p.first), node_label(p.second), before[node_label(p.first)], weights.spread(p.first),
                        float(scale.min()), float(scale.max())) for p, scale in zip(pairs, scales)],
         skipped, sweeps,
         prove_pairs(model, equalized, [weights.scaled_pair(p) for p in pairs], probe_size, f"the equalized {name}", name)
         if prove and pairs else None,
         {node_label(node): (before[node_label(node)], weights.spread(node)) for node in touched})
+    report.rescaled = _rescaled_tensors(pairs, weights)
+    return equalized, report
+
+
+def _rescaled_tensors(pairs: list[LayerPair], weights: ChainWeights) -> dict[str, np.ndarray] | None:
+    """Every tensor from each pair's first layer to its second, with the factor equalization scales its
+    channels by; None where shape inference left a rank unknown. The walk is :func:`_follow`'s: one
+    reader each, up to the second layer."""
+    rescaled = {}
+    for pair in pairs:
+        factor, tensor = weights.layer(pair.first).out_scale, pair.first.outputs[0]
+        while True:
+            if tensor.shape is None:
+                return None
+            rescaled[tensor.name] = factor.reshape((1, -1) + (1,) * (len(tensor.shape) - 2))
+            reader = tensor.outputs[0]
+            if reader is pair.second:
+                break
+            tensor = reader.outputs[0]
+    return rescaled

@@ -37,18 +37,50 @@ def output_positions(images: int, out_h: int, out_w: int, rows: int, rng: np.ran
     return np.unravel_index(picked, (images, out_h, out_w))
 
 
-def unfold(x: np.ndarray, attrs: dict, kernel: tuple[int, int], positions: tuple[np.ndarray, ...]) -> np.ndarray:
-    """The Conv input ``x`` (N, C, H, W) at the kernel windows of ``positions`` (image, y, x of the
-    output): (rows, groups, C/groups · kh · kw), in the order of the weights' last three axes."""
-    sh, sw = attrs.get("strides", [1, 1])
+def channels_last(x_shape: tuple[int, ...], kernel: tuple[int, int], groups: int, rows: int) -> bool:
+    """Whether to unfold a Conv's input (N, C, H, W) channels-last, rows in (kh, kw, C/groups) order:
+    where a group has at least as many channels as a window has taps (its channels are then the longer
+    contiguous run to gather; a depthwise layer's are one value), and the ``rows`` read the input at
+    least once over (else copying it channels-last costs more than gathering saves)."""
+    n, c, h, w = x_shape
+    return c // groups >= kernel[0] * kernel[1] and rows * kernel[0] * kernel[1] >= n * h * w
+
+
+def kernel_windows(x: np.ndarray, attrs: dict, kernel: tuple[int, int], last: bool) -> np.ndarray:
+    """Every kernel window of the Conv input ``x`` (N, C, H, W), as a view of it padded, before the
+    strides: (N, out_h, out_w, groups, kh, kw, C/groups) when ``last`` (:func:`channels_last`; the input
+    copied so: gathering windows is then 5x faster), else (N, C, out_h, out_w, kh, kw)."""
     dh, dw = attrs.get("dilations", [1, 1])
     top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     span = ((kernel[0] - 1) * dh + 1, (kernel[1] - 1) * dw + 1)
-    # every window a view, gathered in one indexing (2-5x faster than one gather per tap, stacked)
-    windows = sliding_window_view(padded, span, axis=(2, 3))[..., ::dh, ::dw]
+    if not last:
+        return sliding_window_view(padded, span, axis=(2, 3))[..., ::dh, ::dw]
+    padded = np.ascontiguousarray(padded.transpose(0, 2, 3, 1))
+    windows = sliding_window_view(padded, span, axis=(1, 2))[..., ::dh, ::dw]  # (N, out_h, out_w, C, kh, kw)
+    return windows.reshape(*windows.shape[:3], attrs.get("group", 1), -1, *kernel).transpose(0, 1, 2, 3, 5, 6, 4)
+
+
+def unfold(windows: np.ndarray, attrs: dict, positions: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The :func:`kernel_windows` of a Conv input at ``positions`` (image, y, x of the output): (rows,
+    groups, K), in the order of :func:`window_order`."""
+    sh, sw = attrs.get("strides", [1, 1])
     image, oy, ox = positions
-    return windows[image, :, oy * sh, ox * sw].reshape(len(image), attrs.get("group", 1), -1)
+    groups = attrs.get("group", 1)
+    if windows.ndim == 7:  # channels-last
+        return windows[image, oy * sh, ox * sw].reshape(len(image), groups, -1)
+    # every window a view, gathered in one indexing (2-5x faster than one gather per tap, stacked)
+    return windows[image, :, oy * sh, ox * sw].reshape(len(image), groups, -1)
+
+
+def window_order(kernel: tuple[int, int], channels: int, last: bool) -> np.ndarray:
+    """Where each of a group's weights (C/groups, kh, kw, in that order) lies in an unfolded row
+    (channels-last where ``last``), then the bias column last: the index that puts Gram matrices in the
+    weights' order."""
+    order = np.arange(kernel[0] * kernel[1] * channels)
+    if last:  # rows are (kh, kw, C/groups)
+        order = order.reshape(*kernel, channels).transpose(2, 0, 1).reshape(-1)
+    return np.append(order, order.size)
 
 
 @dataclass
@@ -62,14 +94,35 @@ class Grams:
 
     @classmethod
     def of(cls, xq: np.ndarray, y: np.ndarray) -> Grams:
-        """From rows ``xq`` (rows, groups, K) and FP32 outputs ``y`` (rows, groups, out/groups)."""
-        q = np.concatenate([xq, np.ones((*xq.shape[:2], 1), xq.dtype)], axis=2).transpose(1, 0, 2)  # (groups, rows, K + 1)
-        qt = q.transpose(0, 2, 1)
-        return cls((qt @ q).astype(np.float64), (qt @ y.transpose(1, 0, 2)).astype(np.float64),
-                   float(np.square(y, dtype=np.float64).sum()))
+        """From rows ``xq`` (rows, groups, K) and FP32 outputs ``y`` (rows, groups, out/groups): products in
+        float32 (BLAS), sums in float64; the ones column's products are sums, not a column to multiply."""
+        x, yt = xq.transpose(1, 0, 2), y.transpose(1, 0, 2)  # (groups, rows, ·)
+        xt = x.transpose(0, 2, 1)
+        groups, rows, k = x.shape
+        ones = np.ones(rows, xq.dtype)
+        hq = np.empty((groups, k + 1, k + 1))
+        hq[:, :k, :k] = xt @ x
+        hq[:, k, :k] = hq[:, :k, k] = ones @ x
+        hq[:, k, k] = rows
+        cross = np.empty((groups, k + 1, yt.shape[2]))
+        cross[:, :k] = xt @ yt
+        cross[:, k] = ones @ yt
+        flat = y.reshape(-1)
+        return cls(hq, cross, float(np.dot(flat.astype(np.float64), flat)))
 
     def __add__(self, other: Grams) -> Grams:
         return Grams(self.hq + other.hq, self.cross + other.cross, self.energy + other.energy)
+
+    def reordered(self, order: np.ndarray) -> Grams:
+        """The same products with the columns taken in ``order`` (:func:`window_order`)."""
+        return Grams(self.hq[:, order[:, None], order], self.cross[:, order], self.energy)
+
+    def add(self, other: Grams) -> Grams:
+        """``other`` added into this one's arrays (no new matrices: a 2,305-column layer's are 42 MB); this one."""
+        self.hq += other.hq
+        self.cross += other.cross
+        self.energy += other.energy
+        return self
 
     def noise(self, chosen: np.ndarray) -> float:
         """‖Y − X̃q·chosenᵀ‖² for ``chosen`` (groups, out/groups, K + 1: weights, then bias), in closed form."""
@@ -166,6 +219,8 @@ class LayerFit:
     adaptive_sqnr_db: float  # adaptive rounding's there, fitted on the even images' rows
     damping: float  # the λ chosen
     chosen: np.ndarray | None  # the weights and bias fitted on all rows (None: nearest scored higher)
+    bias_only: bool = False  # ``chosen`` is nearest rounding's integers with the bias refitted
+    bias_chosen: bool = False  # the bias was free and chosen on held-out rows (refitted, or kept as it was)
 
 
 def fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, folds: tuple[Grams, Grams],
@@ -174,12 +229,22 @@ def fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fol
     K + 1) weights and bias). Fitted on the first fold, the λ of :data:`DAMPINGS` that predicts the
     second fold best is chosen (tried from the largest down until the score stops improving), and the
     layer refitted on both, unless that held-out score does not beat nearest rounding's on the same
-    rows. Rows to fit on fewer than a quarter of the weights in a
-    row (a wide layer on small feature maps: nothing to learn from), values that are not finite, or
-    unrounded least-squares weights (at the largest λ) no better than nearest rounding on the second
-    fold leave the layer rounded to nearest, its adaptive SQNR reported as nearest's."""
+    rows. Rows to fit on fewer than a quarter of the weights in a row (a wide layer on small feature
+    maps: nothing to learn from), or unrounded least-squares weights (at the largest λ) no better than
+    nearest rounding on the second fold leave the layer's integers rounded to nearest; its bias (when
+    ``with_bias``) is then refitted alone where that scores higher on the second fold. Values that are
+    not finite leave the layer as it is. Where nothing changes, the adaptive SQNR is reported as nearest's."""
     with np.errstate(all="ignore"):  # a value that is not finite is caught below, not printed
         return _fit_layer(reference, nearest, scale, folds, with_bias)
+
+
+def refit_bias(grams: Grams, weights: np.ndarray) -> np.ndarray:
+    """``weights`` (groups, out/groups, K + 1) with the bias that minimizes ‖Y − X̃q·chosenᵀ‖² for their
+    own integers: the mean output error over the rows, from the ones column of the Gram matrices."""
+    k = weights.shape[2] - 1
+    rows = grams.hq[:, k, k]  # the ones column's square: the number of rows
+    bias = (grams.cross[:, k, :] - np.einsum("gk,gok->go", grams.hq[:, k, :k], weights[:, :, :k])) / rows[:, None]
+    return np.concatenate([weights[:, :, :k], bias[..., None]], axis=2)
 
 
 def _fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, folds: tuple[Grams, Grams],
@@ -189,8 +254,22 @@ def _fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fo
     nearest_db = sqnr_db(held_out.energy, nearest_noise)
     finite = (all(np.isfinite(g.hq).all() and np.isfinite(g.cross).all() and math.isfinite(g.energy) for g in folds)
               and (scale > 0).all())
-    if not finite or fitting.hq[0, -1, -1] < MIN_ROWS_PER_COLUMN * fitting.hq.shape[1]:  # the ones column's square: the rows
+    if not finite:
         return LayerFit(nearest_db, nearest_db, math.nan, None)
+
+    def nearest_or_bias() -> LayerFit:
+        """Nearest rounding's integers, with the bias refitted where that scores higher on the second
+        fold (empirical bias correction, decided per layer on rows it was not fitted on)."""
+        if with_bias and fitting.hq[0, -1, -1] > 0:
+            refitted = held_out.noise(refit_bias(fitting, nearest))
+            if refitted < nearest_noise:
+                chosen = refit_bias(fitting + held_out, nearest)
+                if np.isfinite(chosen).all():
+                    return LayerFit(nearest_db, sqnr_db(held_out.energy, refitted), math.nan, chosen, True, True)
+        return LayerFit(nearest_db, nearest_db, math.nan, None, bias_chosen=with_bias)
+
+    if fitting.hq[0, -1, -1] < MIN_ROWS_PER_COLUMN * fitting.hq.shape[1]:  # the ones column's square: the rows
+        return nearest_or_bias()
     noise: dict[float, float] = {}
     last = math.inf
     for damping in sorted(DAMPINGS, reverse=True):  # held-out noise is U-shaped in λ: from the largest down, to its low
@@ -199,12 +278,15 @@ def _fit_layer(reference: np.ndarray, nearest: np.ndarray, scale: np.ndarray, fo
             # even unrounded, the least-squares weights score no better than nearest here: rounding them only
             # adds to their error (YOLOv10n: 48 of 83 layers, the largest ones; the one of them adaptive
             # rounding kept gained 1e-4 dB)
-            return LayerFit(nearest_db, nearest_db, math.nan, None)
+            return nearest_or_bias()
         noise[damping] = held_out.noise(solved.rounded())
         if noise[damping] >= last:
             break
         last = noise[damping]
     damping = min(noise, key=noise.get)
-    chosen = fit(fitting + held_out, reference, scale, damping, with_bias) if noise[damping] < nearest_noise else None
-    return LayerFit(nearest_db, sqnr_db(held_out.energy, noise[damping]), damping,
-                    chosen if chosen is not None and np.isfinite(chosen).all() else None)
+    if noise[damping] >= nearest_noise:
+        return nearest_or_bias()
+    chosen = fit(fitting + held_out, reference, scale, damping, with_bias)
+    if not np.isfinite(chosen).all():
+        return LayerFit(nearest_db, nearest_db, math.nan, None)
+    return LayerFit(nearest_db, sqnr_db(held_out.energy, noise[damping]), damping, chosen, bias_chosen=with_bias)

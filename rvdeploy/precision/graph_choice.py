@@ -16,7 +16,7 @@ from rvdeploy.data import ImageSet
 from rvdeploy.files import sha256_file
 from rvdeploy.machine import cpu_int8_class
 from rvdeploy.onnx_io import save_onnx
-from rvdeploy.precision.calib import Calibration, calibrate
+from rvdeploy.precision.calib import Calibration, Twin, calibrate, calibrate_twins
 from rvdeploy.precision.equalize import EqualizeReport, equalize_graph
 from rvdeploy.precision.int8 import encode_weights, quantizable_nodes, quantize_int8
 from rvdeploy.precision.sensitivity import OutputProbe
@@ -40,7 +40,8 @@ class Quantizable:
     path: Path
     calibration: Calibration
     equalization: EqualizeReport | None
-    quantized: onnx.ModelProto | None = None  # its all-INT8 graph, where measured to choose it
+    quantized: onnx.ModelProto | None = None  # its all-INT8 graph, where measured to choose it...
+    quantized_sqnr_db: float | None = None  # ... and that graph's output SQNR, where it was measured as it is
 
 
 def graph_to_quantize(model: onnx.ModelProto, model_path: str | os.PathLike, source_sha256: str, equalize: bool | None,
@@ -62,16 +63,23 @@ def graph_to_quantize(model: onnx.ModelProto, model_path: str | os.PathLike, sou
     if report.nothing_to_equalize:  # the same graph: the same calibration cache entry as without equalization
         return plain(report)
     path = save_onnx(equalized, tmp / "equalized.onnx")
-    chosen = Quantizable(equalized, path, calibrated(path, sha256_file(path)), report)
-    if equalize is None:
-        candidates = [chosen, plain(report)]
-        for candidate in candidates:
-            candidate.quantized = quantize_int8(candidate.path, candidate.calibration, settings.target)
-        report.sqnr_equalized_db, report.sqnr_plain_db = (probe.sqnr(_measured(c.quantized, settings.target))
-                                                          for c in candidates)
-        report.kept = report.sqnr_equalized_db >= report.sqnr_plain_db
-        chosen = candidates[0 if report.kept else 1]
-    return chosen
+    if equalize is True:
+        return Quantizable(equalized, path, calibrated(path, sha256_file(path)), report)
+    if report.rescaled is not None:  # both calibrated in one pass: the equalized graph's tensors as rescaled copies
+        mine, its = calibrate_twins(model, model_path, source_sha256, Twin(sha256_file(path), report.rescaled), images,
+                                    recipe, settings.method, settings.cache_path, settings.show_progress)
+        candidates = [Quantizable(equalized, path, its, report), Quantizable(model, Path(model_path), mine, report)]
+    else:
+        candidates = [Quantizable(equalized, path, calibrated(path, sha256_file(path)), report), plain(report)]
+    scores = []
+    for candidate in candidates:
+        candidate.quantized = quantize_int8(candidate.path, candidate.calibration, settings.target)
+        measured = _measured(candidate.quantized, settings.target)
+        scores.append(probe.sqnr(measured))
+        candidate.quantized_sqnr_db = scores[-1] if measured is candidate.quantized else None
+    report.sqnr_equalized_db, report.sqnr_plain_db = scores
+    report.kept = report.sqnr_equalized_db >= report.sqnr_plain_db
+    return candidates[0 if report.kept else 1]
 
 
 def _measured(quantized: onnx.ModelProto, target: str) -> onnx.ModelProto:

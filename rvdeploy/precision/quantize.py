@@ -298,8 +298,9 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         if options.target == "onnxruntime":
             cpu_format = plan_cpu_format(options.cpu, graph, first, probe, options.show_progress)
         measured_unsigned = cpu_format.measured_unsigned if cpu_format else frozenset()
+        measured = chosen.quantized_sqnr_db if first is chosen.quantized and not measured_unsigned else None
         first = MixedGraph(encode_weights(first, measured_unsigned) if measured_unsigned else first,
-                           {node: "int8" for node in quantizable_nodes(graph)})
+                           {node: "int8" for node in quantizable_nodes(graph)}, measured)
         # Each layer's sensitivity is measured with its weights rounded to nearest: adaptive rounding fits a
         # layer to the errors upstream of it, which a layer alone in INT8 does not have.
         uncorrected, sqnr = first.model, {}
@@ -316,7 +317,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
             sensitivity()
         peaks = functools.cache(lambda: activation_peaks(graph, probe.feeds, model_path))
 
-        fitted = frozenset(rounding.biases) if rounding and rounding.kept else frozenset()
+        fitted = frozenset(rounding.bias_chosen) if rounding and rounding.kept else frozenset()
         corrected = _Corrected(graph, probe, judge, options.target, model_path, fitted) if options.bias_correction else None
         if corrected:
             first = corrected(first)  # the sensitivity grafts the uncorrected, nearest-rounded layers, one at a time

@@ -17,6 +17,7 @@ stored as uint8 with zero point 128 for AVX2 CPUs keeps that form).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,13 +27,14 @@ from onnx import numpy_helper
 from rvdeploy.compare import json_safe
 from rvdeploy.graph_edit import prefix_model
 from rvdeploy.onnx_io import ort_session, run_session
-from rvdeploy.precision.gptq import Grams, fit_layer, output_positions, unfold
+from rvdeploy.precision.gptq import Grams, channels_last, fit_layer, kernel_windows, output_positions, unfold, window_order
 from rvdeploy.precision.stepwise import StepwiseRun
 from rvdeploy.progress import progress_bar
 
 ROWS_PER_COLUMN = 16  # sampled rows per weight column of a layer (K + 1 columns), at most...
 MIN_ROWS = 4096  # ... and at least this many (or every output position, if fewer)
 MAX_SAMPLE_BYTES = 2**28  # the FP32 outputs kept per layer until it is fitted, at most
+CHUNK_BYTES = 2**23  # unfolded rows made at once, at most
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class LayerRounding:
     adaptive_sqnr_db: float  # ... and adaptively, fitted on the even images' rows
     damping: float  # the regularization chosen (× the mean of diag XqᵀXq)
     kept: bool  # adaptive rounding used (it scored higher)
+    bias_only: bool = False  # of it, only the bias refitted: the integers are nearest rounding's
 
 
 @dataclass
@@ -55,6 +58,8 @@ class Rounding:
     kept: bool = False  # adaptive rounding written (its output SQNR is the higher)
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # node → int8 weights
     biases: dict[str, np.ndarray] = field(default_factory=dict)  # node → float bias (where the layout lets it change)
+    # the layers whose bias was chosen on held-out rows (refitted, or kept as it was): bias correction leaves them alone
+    bias_chosen: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return json_safe({"sqnr_before_db": self.sqnr_before_db, "sqnr_after_db": self.sqnr_after_db, "kept": self.kept,
@@ -223,22 +228,50 @@ def _fp32_samples(fp32: onnx.ModelProto, layers: dict[str, tuple[onnx.NodeProto,
     return samples
 
 
-def _folds(inputs: list[np.ndarray], layer: _Layer, shape: tuple[int, ...], samples: _Samples) -> tuple[Grams, Grams]:
+def _folds(inputs: list[np.ndarray], layer: _Layer, shape: tuple[int, ...], samples: _Samples,
+           pool: ThreadPoolExecutor) -> tuple[Grams, Grams]:
     """The Gram matrices of ``layer``'s INT8 ``inputs`` (one array per batch, as far as the graph is
     rounded) against its FP32 outputs at the sampled positions, on the even images (to fit on) and on
-    the odd ones (to score on)."""
-    attrs, folds, first = _attributes(layer.node), [None, None], 0
+    the odd ones (to score on).
+
+    The rows are unfolded a chunk of at most :data:`CHUNK_BYTES` at a time, and the chunks shared out
+    between ``pool``'s two threads: BLAS runs on one thread in the quantizer
+    (:func:`rvdeploy.probes.one_thread`), and no other work runs meanwhile. A small chunk is also
+    memory the allocator reuses: a depthwise 7x7 layer's rows unfolded at once were 120 MB of fresh pages."""
+    attrs, chunks, first = _attributes(layer.node), [], 0
+    groups = attrs.get("group", 1)
+    columns = int(np.prod(shape[1:])) * groups  # of a row
+    conv = layer.node.op_type == "Conv"
+    rows = sum(len(y) for y in samples.outputs)
+    last = conv and channels_last((sum(len(x) for x in inputs), *inputs[0].shape[1:]), shape[2:], groups, rows)
     for xq, positions, y in zip(inputs, samples.positions, samples.outputs):
         xq = np.asarray(xq, np.float32)
-        if positions is None:
-            rows, image = xq.reshape(len(xq), 1, -1), np.arange(len(xq))
-        else:
-            rows, image = unfold(xq, attrs, shape[2:], positions), positions[0]
-        parity = (first + image) % 2
+        image = np.arange(len(xq)) if positions is None else positions[0]
+        windows = kernel_windows(xq, attrs, shape[2:], last) if conv else None
+        # two chunks at least (one a thread), more where they are large, but each of a layer's columns or more
+        # rows: every chunk's Gram matrices are converted and added, which costs as much as columns rows' products
+        count = max(2, min(-(-len(y) * columns * 4 // CHUNK_BYTES), len(y) // (columns + 1)))
+        for part in np.array_split(np.arange(len(y)), count):
+            if not part.size:
+                continue
+            picked = None if positions is None else tuple(axis[part] for axis in positions)
+            chunks.append((xq[part] if positions is None else windows, picked, y[part], (first + image[part]) % 2))
         first += len(xq)
-        for fold in (0, 1):
-            part = Grams.of(rows[parity == fold], y[parity == fold])
-            folds[fold] = part if folds[fold] is None else folds[fold] + part
+
+    def summed(share: list) -> list[Grams | None]:
+        folds: list[Grams | None] = [None, None]
+        for xq, positions, y, parity in share:  # xq: a Gemm's rows, or a Conv input's kernel windows
+            rows = xq.reshape(len(xq), 1, -1) if positions is None else unfold(xq, attrs, positions)
+            for fold in (0, 1):
+                part = Grams.of(rows[parity == fold], y[parity == fold])
+                folds[fold] = part if folds[fold] is None else folds[fold].add(part)
+        return folds
+
+    shares = list(pool.map(summed, [chunks[0::2], chunks[1::2]]))
+    folds = [shares[0][fold] if shares[1][fold] is None else shares[0][fold].add(shares[1][fold]) for fold in (0, 1)]
+    if last:
+        order = window_order(shape[2:], shape[1], last)
+        folds = [grams.reordered(order) for grams in folds]
     return folds[0], folds[1]
 
 
@@ -253,7 +286,7 @@ def adaptive_rounding(fp32: onnx.ModelProto, quantized: onnx.ModelProto, feeds: 
     weights = {name: found for name in candidates if (found := _layer_weights(fp32_nodes.get(name), fp32_initializers)) is not None}
     layers = {name: layer for name, layer in candidates.items() if name in weights}
     rounding = Rounding()
-    with progress_bar(show_progress) as progress:
+    with progress_bar(show_progress) as progress, ThreadPoolExecutor(2) as pool:
         task = progress.add_task("adaptive rounding", total=len(layers) + 1)
         samples = _fp32_samples(fp32, {name: (fp32_nodes[name], weights[name][0].shape) for name in layers}, feeds, what,
                                 np.random.default_rng(seed))
@@ -270,12 +303,14 @@ def adaptive_rounding(fp32: onnx.ModelProto, quantized: onnx.ModelProto, feeds: 
             stored = writer.array(layer.weight_dq.input[0])
             integers = stored.astype(np.int16) - (128 if stored.dtype == np.uint8 else 0)
             nearest = np.concatenate([integers.reshape(*shape, -1) * scale[..., None], reference[:, :, -1:]], axis=2)
-            folds = _folds(captured.values(writer.model, layer.node.input[0]), layer, w.shape, samples.pop(name))
+            folds = _folds(captured.values(writer.model, layer.node.input[0]), layer, w.shape, samples.pop(name), pool)
             # an absent bias stays absent where the layout's bias is int32 at a scale of its own (onnxruntime's)
             with_bias = target == "tensorrt" or (len(layer.node.input) > 2 and bool(layer.node.input[2]))
             result = fit_layer(reference, nearest, scale, folds, with_bias)
             rounding.layers.append(LayerRounding(name, result.nearest_sqnr_db, result.adaptive_sqnr_db, result.damping,
-                                                 result.chosen is not None))
+                                                 result.chosen is not None, result.bias_only))
+            if result.bias_chosen:
+                rounding.bias_chosen.append(name)
             if result.chosen is not None:
                 rounding.weights[name] = np.round(result.chosen[:, :, :-1] / scale[..., None]).reshape(stored.shape).astype(np.int8)
                 writer.weights(layer, rounding.weights[name])

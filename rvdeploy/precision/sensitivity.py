@@ -10,8 +10,10 @@ calibration images: one ONNX Runtime pass over them per layer, no labels, no re-
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -34,10 +36,18 @@ def flat_outputs(outputs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(o, dtype=np.float32).reshape(len(o), -1) for o in outputs], axis=1)
 
 
+@dataclass(frozen=True)
+class _Reference:
+    outputs: np.ndarray  # the FP32 graph's, a row per image
+    compared: list[str] | None  # the tensors compared (None: the graph's outputs)
+    suffix: bytes  # what makes them outputs, appended to a serialized graph
+
+
 class OutputProbe:
     """The calibration images, preprocessed once, and the FP32 graph's outputs on them: what every
-    candidate graph's outputs are compared with. Outputs that follow a TopK are compared by what the
-    selection reads instead (:mod:`rvdeploy.precision.selection`; ``compared`` names them)."""
+    candidate graph's outputs are compared with, run the first time one is (a probe whose images only
+    feed a fit costs nothing more). Outputs that follow a TopK are compared by what the selection
+    reads instead (:mod:`rvdeploy.precision.selection`; ``compared`` names them)."""
 
     def __init__(self, fp32: onnx.ModelProto, images: ImageSet | list[dict], recipe: Preprocess | None,
                  what: str | os.PathLike) -> None:
@@ -45,39 +55,46 @@ class OutputProbe:
         self.feeds = images if isinstance(images, list) else list(model_feeds(fp32, images, recipe, FEED_BATCH))
         self.fixed_batch = fixed_batch(fp32) is not None
         self.what = what
-        self.compared: list[str] | None = None  # None: the graph's outputs
-        self._suffix = b""  # what makes the compared tensors outputs, appended to a serialized graph
-        candidates = selection_free_tensors(fp32)
+        self._fp32 = fp32
+
+    @functools.cached_property
+    def _measured(self) -> _Reference:
+        candidates = selection_free_tensors(self._fp32)
+        serialized = self._fp32.SerializeToString()
         if not candidates:
-            self.reference = self.outputs(fp32)
-            return
-        self._expose(fp32, candidates)
-        found = self._run(fp32.SerializeToString(), candidates)
+            return _Reference(self._outputs(serialized, None, b""), None, b"")
+        found = self._run(serialized, candidates, _exposed(self._fp32, candidates))
         rows = [len(next(iter(feed.values()))) for feed in self.feeds]
         kept = [k for k in range(len(candidates))  # float, one row per image
                 if all(v[k].dtype.kind == "f" and v[k].ndim and len(v[k]) == n for v, n in zip(found, rows))]
-        self.compared = [candidates[k] for k in kept] or None
-        self._expose(fp32, self.compared or [])
-        self.reference = (np.concatenate([flat_outputs([v[k] for k in kept]) for v in found]) if kept
-                          else self.outputs(fp32))
+        compared = [candidates[k] for k in kept] or None
+        suffix = _exposed(self._fp32, compared or [])
+        outputs = (np.concatenate([flat_outputs([v[k] for k in kept]) for v in found]) if kept
+                   else self._outputs(serialized, None, suffix))
+        return _Reference(outputs, compared, suffix)
 
-    def _expose(self, model: onnx.ModelProto, names: list[str]) -> None:
-        """The protobuf that appended to a serialized graph adds ``names`` to its outputs (protobuf merges
-        repeated fields by concatenating them)."""
-        present = {output.name for output in model.graph.output}
-        added = [onnx.ValueInfoProto(name=name) for name in names if name not in present]
-        self._suffix = onnx.ModelProto(graph=onnx.GraphProto(output=added)).SerializeToString() if added else b""
+    @property
+    def reference(self) -> np.ndarray:
+        return self._measured.outputs
 
-    def _run(self, serialized: bytes, names: list[str] | None) -> list[list[np.ndarray]]:
-        session = ort_session(serialized + self._suffix, name=f"a quantized graph of {self.what}")
+    @property
+    def compared(self) -> list[str] | None:
+        return self._measured.compared
+
+    def _run(self, serialized: bytes, names: list[str] | None, suffix: bytes) -> list[list[np.ndarray]]:
+        session = ort_session(serialized + suffix, name=f"a quantized graph of {self.what}")
         fp16 = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}  # a graph with FP16 I/O
         return [run_session(session, {k: v.astype(np.float16) if k in fp16 else v for k, v in feed.items()}, self.what, names)
                 for feed in self.feeds]
 
+    def _outputs(self, serialized: bytes, names: list[str] | None, suffix: bytes) -> np.ndarray:
+        return np.concatenate([flat_outputs(values) for values in self._run(serialized, names, suffix)])
+
     def outputs(self, model: onnx.ModelProto | bytes) -> np.ndarray:
         """The outputs of ``model`` (or of its serialization) on the images, a row per image."""
         serialized = model if isinstance(model, bytes) else model.SerializeToString()
-        return np.concatenate([flat_outputs(values) for values in self._run(serialized, self.compared)])
+        measured = self._measured
+        return self._outputs(serialized, measured.compared, measured.suffix)
 
     def first(self, images: int) -> OutputProbe:
         """This probe on its first ``images`` images, sharing their arrays (whole batches where the
@@ -92,12 +109,21 @@ class OutputProbe:
             feeds.append(feed)
             rows += batch
         subset = copy.copy(self)
-        subset.feeds, subset.reference = feeds, self.reference[:rows]
+        whole = self._measured
+        subset.feeds, subset._measured = feeds, _Reference(whole.outputs[:rows], whole.compared, whole.suffix)
         return subset
 
     def sqnr(self, model: onnx.ModelProto | bytes) -> float:
         """SQNR (dB) of ``model``'s outputs against FP32's; inf when they are identical."""
         return sqnr_db(self.outputs(model), self.reference)
+
+
+def _exposed(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """The protobuf that appended to a serialized graph adds ``names`` to its outputs (protobuf merges
+    repeated fields by concatenating them)."""
+    present = {output.name for output in model.graph.output}
+    added = [onnx.ValueInfoProto(name=name) for name in names if name not in present]
+    return onnx.ModelProto(graph=onnx.GraphProto(output=added)).SerializeToString() if added else b""
 
 
 class SingleLayerGraphs:

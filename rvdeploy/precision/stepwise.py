@@ -112,7 +112,8 @@ class StepwiseRun:
                                        initializers)
         part_model = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
         part_model.functions.extend(model.functions)
-        session = ort_session(part_model.SerializeToString(), name=f"a part of {self.what}")
+        # not spinning: between parts, numpy's fits run, and idle spinning workers took their core
+        session = ort_session(part_model.SerializeToString(), name=f"a part of {self.what}", spinning=False)
         results: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
         for index, feed in enumerate(self.feeds):
             given = {name: feed[name] if name in feed else self.kept[name][index] for name in inputs}
