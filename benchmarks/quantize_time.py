@@ -106,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds, each tool once a round in turn; medians reported")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,28 +126,34 @@ def main() -> None:
             fp32, name, flags = repvgg_a0(tmp, args.size), f"RepVGG-A0 {args.size} px", ()
             recipe = Preprocess.from_dict(read_metadata(onnx.load(str(fp32)))["preprocess"])
         held = [x for x, _ in batches(image_folder(held_dir, recipe), recipe, 8)]
-        out = tmp / "static.onnx"
-        seconds = quantize_static_seconds(fp32, out, calib, recipe, args.images)
-        rows.append({"model": name, "tool": "onnxruntime quantize_static (MinMax, QDQ, per-channel)",
-                     "seconds": seconds, "x_static": 1.0, "sqnr_db": held_out_sqnr(fp32, out, held)})
-        print(rows[-1], flush=True)
-        for label, extra in VARIANTS.items():
-            out = tmp / "rvdeploy.onnx"
-            start = time.perf_counter()
-            subprocess.run([RVDEPLOY, "quantize", str(fp32), "-o", str(out), "--int8", "--calib", str(calib),
-                            "--num-images", str(args.images), *flags, *extra], check=True, capture_output=True)
-            elapsed = time.perf_counter() - start
-            rows.append({"model": name, "tool": label, "seconds": elapsed, "x_static": elapsed / seconds,
-                         "sqnr_db": held_out_sqnr(fp32, out, held)})
-            print(rows[-1], flush=True)
+        rounds: dict[str, list[float]] = {}
+        scores: dict[str, float] = {}
+        static_label = "onnxruntime quantize_static (MinMax, QDQ, per-channel)"
+        for _ in range(args.repeat):  # interleaved: a slower spell of the machine lands on every tool
+            out = tmp / "static.onnx"
+            rounds.setdefault(static_label, []).append(quantize_static_seconds(fp32, out, calib, recipe, args.images))
+            scores[static_label] = held_out_sqnr(fp32, out, held)
+            for label, extra in VARIANTS.items():
+                out = tmp / "rvdeploy.onnx"
+                start = time.perf_counter()
+                subprocess.run([RVDEPLOY, "quantize", str(fp32), "-o", str(out), "--int8", "--calib", str(calib),
+                                "--num-images", str(args.images), *flags, *extra], check=True, capture_output=True)
+                rounds.setdefault(label, []).append(time.perf_counter() - start)
+                scores[label] = held_out_sqnr(fp32, out, held)
+            print({label: [round(t, 2) for t in times] for label, times in rounds.items()}, flush=True)
+        static = float(np.median(rounds[static_label]))
+        for label, times in rounds.items():
+            seconds = float(np.median(times))
+            rows.append({"model": name, "tool": label, "seconds": seconds, "x_static": seconds / static,
+                         "spread": f"{min(times):.2f}-{max(times):.2f}", "sqnr_db": scores[label]})
     machine = describe_machine()
-    columns = [("model", "model"), ("tool", "tool"), ("seconds", "seconds"), ("x_static", "x quantize_static"),
-               ("sqnr_db", "held-out SQNR dB")]
+    columns = [("model", "model"), ("tool", "tool"), ("seconds", "median seconds"), ("spread", "fastest-slowest"),
+               ("x_static", "x quantize_static"), ("sqnr_db", "held-out SQNR dB")]
     notes = (f"{args.images} calibration images (crops of scikit-learn's sample photos), {HELD_OUT} other crops held "
              "out; tensorrt layout for rvdeploy. quantize_static's seconds are its calibration and quantization in "
              "this process; rvdeploy's are whole `rvdeploy quantize` processes (imports, equalization choice, "
              "rounding, bias correction, the 20 dB floor's search; with the floor on, a quarter of the images are held out "
-             "to judge it, the rest fitted on). Measured one after the other in one run on "
+             f"to judge it, the rest fitted on). Medians of {args.repeat} rounds, each tool once a round in turn, in one run on "
              f"{machine.get('cpu', 'this CPU')}; the seconds compare only within this run.")
     print(write_results("quantize_time", rows, columns, notes))
 

@@ -17,6 +17,7 @@ Gram matrices.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -135,17 +136,36 @@ def sqnr_db(energy: float, noise: float) -> float:
     return float(10 * np.log10(energy / noise)) if noise > 0 else math.inf
 
 
-def inverse_factor(hessian: np.ndarray) -> np.ndarray:
-    """U, upper triangular, with Uᵀ·U = ``hessian``⁻¹ (groups, n, n), from one Cholesky factorization
-    and one triangular inverse: with J the reversal, J·H·J = M·Mᵀ gives H = Ũ·Ũᵀ (Ũ = J·M·J, upper),
-    so H⁻¹ = (Ũ⁻¹)ᵀ·Ũ⁻¹. Many groups (a depthwise layer's hundreds of small matrices) are inverted in one
-    batched call: one LAPACK call per group costs more than the arithmetic."""
+def cholesky_factor(hessian: np.ndarray) -> np.ndarray:
+    """Ũ, upper triangular, with Ũ·Ũᵀ = ``hessian`` (groups, n, n): with J the reversal, J·H·J = M·Mᵀ
+    (Cholesky) gives Ũ = J·M·J."""
+    return np.linalg.cholesky(hessian[:, ::-1, ::-1])[:, ::-1, ::-1]
+
+
+def inverse_factor(hessian: np.ndarray, factor: np.ndarray | None = None) -> np.ndarray:
+    """U, upper triangular, with Uᵀ·U = ``hessian``⁻¹ (groups, n, n), from the :func:`cholesky_factor` Ũ
+    (``factor``, where made already) and one triangular inverse: H = Ũ·Ũᵀ, so H⁻¹ = (Ũ⁻¹)ᵀ·Ũ⁻¹. Many
+    groups (a depthwise layer's hundreds of small matrices) are inverted in one batched call: one LAPACK
+    call per group costs more than the arithmetic."""
     from scipy.linalg.lapack import dtrtri
 
-    flipped = np.linalg.cholesky(hessian[:, ::-1, ::-1])[:, ::-1, ::-1]
+    flipped = cholesky_factor(hessian) if factor is None else factor
     if len(flipped) > 1:
         return np.triu(np.linalg.inv(flipped))
     return dtrtri(np.ascontiguousarray(flipped[0]), lower=0)[0][None]
+
+
+def cholesky_solve(factor: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """X with Ũ·Ũᵀ·X = ``right`` (groups, n, m), Ũ the :func:`cholesky_factor`: two triangular solves
+    for one group, where the inverse would cost another factorization's work; many small groups as
+    one batched inverse."""
+    from scipy.linalg import solve_triangular
+
+    if len(factor) > 1:
+        upper = inverse_factor(None, factor)
+        return upper.transpose(0, 2, 1) @ (upper @ right)
+    inner = solve_triangular(factor[0], right[0], lower=False, check_finite=False)  # Ũ·Z = right, Z = Ũᵀ·X
+    return solve_triangular(factor[0], inner, lower=False, trans="T", check_finite=False)[None]
 
 
 def gptq(target: np.ndarray, upper: np.ndarray, scale: np.ndarray, rounded: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,20 +188,23 @@ def gptq(target: np.ndarray, upper: np.ndarray, scale: np.ndarray, rounded: int)
     return integers, weights[:, :, rounded:]
 
 
-@dataclass(frozen=True)
 class Solved:
     """The least-squares weights W* of one layer for one λ (``weights``: groups, out/groups, K + 1, the
-    bias last, fixed or fitted) and the factor GPTQ rounds them with."""
+    bias last, fixed or fitted) and what GPTQ rounds them with: the Hessian's Cholesky factor, whose
+    triangular inverse is made only if they are rounded."""
 
-    weights: np.ndarray
-    upper: np.ndarray
-    scale: np.ndarray
+    def __init__(self, weights: np.ndarray, factor: np.ndarray, scale: np.ndarray) -> None:
+        self.weights, self.factor, self.scale = weights, factor, scale
+
+    @functools.cached_property
+    def upper(self) -> np.ndarray:
+        return inverse_factor(None, self.factor)
 
     def rounded(self) -> np.ndarray:
         """W* on the grid by GPTQ, the bias (when fitted) taking what rounding leaves: alike (groups, out/groups, K + 1)."""
         k = self.weights.shape[2] - 1
-        with_bias = self.upper.shape[1] == k + 1
-        integers, free = gptq(self.weights[:, :, :self.upper.shape[1]], self.upper, self.scale, k)
+        with_bias = self.factor.shape[1] == k + 1
+        integers, free = gptq(self.weights[:, :, :self.factor.shape[1]], self.upper, self.scale, k)
         return np.concatenate([integers * self.scale[..., None], free if with_bias else self.weights[:, :, k:]], axis=2)
 
 
@@ -200,11 +223,11 @@ def solve(grams: Grams, reference: np.ndarray, scale: np.ndarray, damping: float
     diagonal = np.arange(columns)
     regularized = hq.copy()
     regularized[:, diagonal, diagonal] += penalty[:, None]
-    upper = inverse_factor(regularized)
-    # argmin ‖Y − X̃q·W*ᵀ‖² + λ‖W* − W‖²: (H + λ)·W*ᵀ = C + λ·Wᵀ, with (H + λ)⁻¹ = Uᵀ·U
+    factor = cholesky_factor(regularized)
+    # argmin ‖Y − X̃q·W*ᵀ‖² + λ‖W* − W‖²: (H + λ)·W*ᵀ = C + λ·Wᵀ
     right = cross + penalty[:, None, None] * reference[:, :, :columns].transpose(0, 2, 1)
-    best = (upper.transpose(0, 2, 1) @ (upper @ right)).transpose(0, 2, 1)
-    return Solved(best if with_bias else np.concatenate([best, reference[:, :, k:]], axis=2), upper, scale)
+    best = cholesky_solve(factor, right).transpose(0, 2, 1)
+    return Solved(best if with_bias else np.concatenate([best, reference[:, :, k:]], axis=2), factor, scale)
 
 
 def fit(grams: Grams, reference: np.ndarray, scale: np.ndarray, damping: float, with_bias: bool) -> np.ndarray:
