@@ -120,6 +120,7 @@ def timm_rows(tmp: Path, images: int, done: list[dict]) -> list[dict]:
 
     rows = []
     for name in TIMM_MODELS:
+        torch.manual_seed(0)  # the same random net every run: runs compare
         net = randomised(timm.create_model(name, pretrained=False))
         unfolded, folded = tmp / f"{name}_train.onnx", tmp / f"{name}.onnx"
         torch.onnx.export(net, torch.randn(1, 3, 224, 224), str(unfolded), dynamo=False, opset_version=17,

@@ -182,6 +182,23 @@ def test_min_sqnr_guard_meets_its_limit_measured_independently(work, digits_onnx
                                                   if step["layers"] < len(guard.fallback))
 
 
+def test_a_floor_out_of_reach_is_said_at_once_without_ranking_the_layers(work, digits_onnx, monkeypatch):
+    """99 dB: more than the FP16 graph (every layer out of INT8, tensorrt) scores. That graph is measured
+    first and written, and no layer's sensitivity is measured; on onnxruntime the layers out run in
+    FP32, which meets any floor, and the search runs."""
+    import rvdeploy.precision.quantize as quantize
+
+    ranked = []
+    monkeypatch.setattr(quantize, "layer_sqnr", lambda *a, **k: ranked.append(1) or layer_sqnr(*a, **k))
+    report = quantize_int8_file(digits_onnx, work / "unreachable.onnx", options(min_sqnr=99))
+    guard = report.guard
+    assert guard.out_of_reach and not guard.met and not guard.steps and not ranked
+    assert 40 < guard.ceiling_sqnr_db == guard.final_sqnr_db < 99 and report.quantized_nodes == 0
+    assert sorted(guard.fallback) == sorted(report.fp16_nodes + report.fp32_nodes) and len(guard.fallback) == 9
+    reachable = quantize_int8_file(digits_onnx, work / "reachable.onnx", options(min_sqnr=99, target="onnxruntime"))
+    assert not reachable.guard.out_of_reach and reachable.guard.met and reachable.guard.steps and ranked
+
+
 def test_no_equalize_guard_falls_back_the_imbalanced_layer_and_equalization_fixes_it(work, imbalanced):
     plain = quantize_int8_file(imbalanced, work / "plain.onnx", options(equalize=False, min_sqnr=30))
     assert plain.equalization is None and plain.guard.met

@@ -87,6 +87,10 @@ class GuardReport:
     int8_top1: float | None = None
     final_top1: float | None = None
     fallback: list[str] = field(default_factory=list)  # layers taken out of INT8, most sensitive first
+    # with every layer out of INT8: the most the guard can reach (measured where all-INT8 missed a limit)
+    ceiling_sqnr_db: float | None = None
+    ceiling_top1: float | None = None
+    out_of_reach: bool = False  # even that missed a limit: it is what is written
     steps: list[dict] = field(default_factory=list)  # each candidate measured: layers out, the last of them, sqnr_db, top1
 
     @property
@@ -122,7 +126,8 @@ def fall_back_until_met(
     between the longest that missed and the shortest that met: about 2 log2(n) candidates instead of
     n. Taking a layer out of INT8 nearly always raises the output SQNR, so this finds the shortest
     prefix (or one a layer or two longer where the rise is not monotone); every candidate is in
-    ``steps``."""
+    ``steps``. Before any of it, the candidate with every layer out: where even that misses a limit, it
+    is returned at once (``out_of_reach``), without ranking the layers."""
     if (max_top1_drop is None) != (scorer is None):
         raise QuantizeError("the accuracy guard needs both --val and --max-top1-drop")
     report = GuardReport(min_sqnr_db, max_top1_drop, first.output_sqnr(probe), math.nan)
@@ -130,15 +135,26 @@ def fall_back_until_met(
     if scorer is not None:
         report.fp32_top1 = scorer.top1(fp32)
         report.int8_top1 = report.final_top1 = scorer.top1(first.model)
-    order = ranking() if not report.met else []
-    if not order:
+    if report.met or not first.precisions:
         return first, report
+    # First whether the limits can be met at all: where every layer out of INT8 misses them too (a graph that
+    # amplifies FP16 rounding: RT-DETR-L with random weights, 17 dB), that graph is the answer, without the
+    # sensitivity pass (a run of the graph per layer) or the search
+    everything = build(tuple(first.precisions))
+    report.ceiling_sqnr_db = everything.output_sqnr(probe)
+    report.ceiling_top1 = scorer.top1(everything.model) if scorer else None
+    if not _met(min_sqnr_db, max_top1_drop, report.ceiling_sqnr_db, report.fp32_top1, report.ceiling_top1):
+        report.final_sqnr_db, report.final_top1 = report.ceiling_sqnr_db, report.ceiling_top1
+        report.fallback = list(first.precisions)  # every layer, in graph order: none was ranked
+        report.out_of_reach = True
+        return everything, report
+    order = ranking()
     shortest: list = []  # [layers out, candidate, sqnr, top1] of the shortest prefix that met (or of all layers out)
 
     def attempt(length: int) -> bool:
-        candidate = build(tuple(order[:length]))
+        candidate = everything if set(order[:length]) == set(first.precisions) else build(tuple(order[:length]))
         sqnr = candidate.output_sqnr(probe)
-        top1 = scorer.top1(candidate.model) if scorer else None
+        top1 = (report.ceiling_top1 if candidate is everything else scorer.top1(candidate.model)) if scorer else None
         report.steps.append({"layers": length, "node": order[length - 1], "sqnr_db": sqnr, "top1": top1})
         if _met(min_sqnr_db, max_top1_drop, sqnr, report.fp32_top1, top1) or length == len(order):
             shortest[:] = [length, candidate, sqnr, top1]  # only shorter prefixes are tried after one that met
