@@ -142,17 +142,21 @@ def cholesky_factor(hessian: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(hessian[:, ::-1, ::-1])[:, ::-1, ::-1]
 
 
-def inverse_factor(hessian: np.ndarray, factor: np.ndarray | None = None) -> np.ndarray:
-    """U, upper triangular, with Uᵀ·U = ``hessian``⁻¹ (groups, n, n), from the :func:`cholesky_factor` Ũ
-    (``factor``, where made already) and one triangular inverse: H = Ũ·Ũᵀ, so H⁻¹ = (Ũ⁻¹)ᵀ·Ũ⁻¹. Many
-    groups (a depthwise layer's hundreds of small matrices) are inverted in one batched call: one LAPACK
-    call per group costs more than the arithmetic."""
+def inverse_factor(hessian: np.ndarray) -> np.ndarray:
+    """U, upper triangular, with Uᵀ·U = ``hessian``⁻¹ (groups, n, n): :func:`upper_inverse` of its
+    :func:`cholesky_factor` (H = Ũ·Ũᵀ, so H⁻¹ = (Ũ⁻¹)ᵀ·Ũ⁻¹)."""
+    return upper_inverse(cholesky_factor(hessian))
+
+
+def upper_inverse(factor: np.ndarray) -> np.ndarray:
+    """Ũ⁻¹ of upper triangular matrices (groups, n, n): one triangular inverse, or for many groups (a
+    depthwise layer's hundreds of small matrices) one batched call: one LAPACK call per group costs
+    more than the arithmetic."""
     from scipy.linalg.lapack import dtrtri
 
-    flipped = cholesky_factor(hessian) if factor is None else factor
-    if len(flipped) > 1:
-        return np.triu(np.linalg.inv(flipped))
-    return dtrtri(np.ascontiguousarray(flipped[0]), lower=0)[0][None]
+    if len(factor) > 1:
+        return np.triu(np.linalg.inv(factor))
+    return dtrtri(np.ascontiguousarray(factor[0]), lower=0)[0][None]
 
 
 def cholesky_solve(factor: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -162,7 +166,7 @@ def cholesky_solve(factor: np.ndarray, right: np.ndarray) -> np.ndarray:
     from scipy.linalg import solve_triangular
 
     if len(factor) > 1:
-        upper = inverse_factor(None, factor)
+        upper = upper_inverse(factor)
         return upper.transpose(0, 2, 1) @ (upper @ right)
     inner = solve_triangular(factor[0], right[0], lower=False, check_finite=False)  # Ũ·Z = right, Z = Ũᵀ·X
     return solve_triangular(factor[0], inner, lower=False, trans="T", check_finite=False)[None]
@@ -198,7 +202,7 @@ class Solved:
 
     @functools.cached_property
     def upper(self) -> np.ndarray:
-        return inverse_factor(None, self.factor)
+        return upper_inverse(self.factor)
 
     def rounded(self) -> np.ndarray:
         """W* on the grid by GPTQ, the bias (when fitted) taking what rounding leaves: alike (groups, out/groups, K + 1)."""

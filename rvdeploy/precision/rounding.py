@@ -248,8 +248,8 @@ def _folds(inputs: list[np.ndarray], layer: _Layer, shape: tuple[int, ...], samp
         xq = np.asarray(xq, np.float32)
         image = np.arange(len(xq)) if positions is None else positions[0]
         windows = kernel_windows(xq, attrs, shape[2:], last) if conv else None
-        # two chunks at least (one a thread), more where they are large, but each of a layer's columns or more
-        # rows: every chunk's Gram matrices are converted and added, which costs as much as columns rows' products
+        # two chunks at least (one a thread), more where they are large, but no fewer rows each than the layer
+        # has columns: each chunk's Gram matrices are converted and summed, the work of that many rows' products
         count = max(2, min(-(-len(y) * columns * 4 // CHUNK_BYTES), len(y) // (columns + 1)))
         for part in np.array_split(np.arange(len(y)), count):
             if not part.size:
