@@ -299,10 +299,10 @@ def _with_rescaled_copies(model: onnx.ModelProto, rescaled: dict[str, np.ndarray
 def calibrate_twins(model: onnx.ModelProto, model_path: str | os.PathLike, model_sha256: str, twin: Twin, images: ImageSet,
                     recipe: Preprocess, method: str, cache_path: str | os.PathLike | None = None,
                     show_progress: bool = True) -> tuple[Calibration, Calibration]:
-    """The calibrations of ``model`` (read from ``model_path``) and of its ``twin``, from one pass over ``images``: the twin's
-    rescaled tensors are measured as copies scaled in the calibrated graph. They are the same values
-    up to float32 rounding: equalization is exact (:mod:`rvdeploy.precision.equalize`). Both are
-    read from ``cache_path`` when it holds both, else measured and stored."""
+    """The calibrations of ``model`` (read from ``model_path``) and of its ``twin``, from one pass over
+    ``images``: the twin's rescaled tensors are measured as copies scaled in the calibrated graph, the
+    same values up to float32 rounding (equalization is exact: :mod:`rvdeploy.precision.equalize`).
+    Both are read from ``cache_path`` when it holds both, else measured and stored."""
     keys = [cache_key(sha256, method, images) for sha256 in (model_sha256, twin.sha256)]
     cache = _read_cache(Path(cache_path)) if cache_path else None
     if cache is not None and all(key in cache["entries"] for key in keys):
