@@ -51,6 +51,7 @@ def test_unfolded_windows_times_weights_are_the_convolution(attrs, channels):
     positions = gptq.output_positions(3, y.shape[2], y.shape[3], 60, rng)
     last = gptq.channels_last(x.shape, (3, 2), groups, len(positions[0]))
     assert last == (channels // groups >= 6)  # 60 windows of 6 taps read the 3 x 9 x 11 input over
+    assert not gptq.channels_last(x.shape, (3, 2), groups, 10)  # 10 windows read less: gathered from it as it is
     rows = gptq.unfold(gptq.kernel_windows(x, attrs, (3, 2), last), attrs, positions)  # (rows, groups, K), window order
     order = gptq.window_order((3, 2), channels // groups, last)[:-1]
     per_group = np.empty((groups, 8 // groups, rows.shape[2]), np.float32)
