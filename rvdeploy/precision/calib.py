@@ -144,10 +144,12 @@ def calibrated_tensors(model_path: str | os.PathLike) -> set[str]:
         return set(calibrator.select_tensors_to_calibrate(calibrator.model)[0])
 
 
-def _checked_entry(entry: object, path: Path, method: str, model_path: str | os.PathLike) -> dict:
+def _checked_entry(entry: object, path: Path, method: str, model_path: str | os.PathLike,
+                   expected: set[str] | None = None) -> dict:
     """A cached entry that onnxruntime's quantizer reads as it is, or a CalibrationError naming the cache.
 
-    The quantizer trusts the file it is given; a damaged entry would fail deep inside it.
+    The quantizer trusts the file it is given; a damaged entry would fail deep inside it. ``expected``:
+    the tensors the entry must hold, where already known (else found from ``model_path``).
     """
     from onnxruntime.quantization.calibrate import TensorsData
 
@@ -167,7 +169,7 @@ def _checked_entry(entry: object, path: Path, method: str, model_path: str | os.
         elif not ranges.data or bad:
             problem = f"its entry for this model has no finite range for {bad[0] if bad else 'any tensor'}"
         else:
-            missing = sorted(calibrated_tensors(model_path) - set(ranges.data))
+            missing = sorted((expected if expected is not None else calibrated_tensors(model_path)) - set(ranges.data))
             if missing:
                 more = f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""
                 problem = f"its entry for this model has no range for {missing[0]}{more}"
@@ -306,8 +308,9 @@ def calibrate_twins(model: onnx.ModelProto, model_path: str | os.PathLike, model
     keys = [cache_key(sha256, method, images) for sha256 in (model_sha256, twin.sha256)]
     cache = _read_cache(Path(cache_path)) if cache_path else None
     if cache is not None and all(key in cache["entries"] for key in keys):
-        return tuple(Calibration(_checked_entry(cache["entries"][key], Path(cache_path), method, model_path), method,
-                                 len(images), 0.0, from_cache=True) for key in keys)
+        expected = calibrated_tensors(model_path)  # the twin's are the same tensors: one graph's nodes
+        return tuple(Calibration(_checked_entry(cache["entries"][key], Path(cache_path), method, model_path, expected),
+                                 method, len(images), 0.0, from_cache=True) for key in keys)
     # what the calibrator measures in the graph itself (a rescaled tensor may be measured only as a copy's input)
     measured_here = {name for node in model.graph.node if node.op_type in CALIBRATED_OPS for name in (*node.input, *node.output)}
     augmented, copies = _with_rescaled_copies(model, twin.rescaled)
