@@ -193,8 +193,8 @@ def test_one_pass_calibrates_the_graph_and_its_equalized_twin(tmp_path, method):
         assert set(twin.ranges["data"]) == set(alone.ranges["data"]) == calibrated_tensors(path)
         for name, data in alone.ranges["data"].items():
             for bound in ("lowest", "highest"):
-                np.testing.assert_allclose(TensorData.from_dict(twin.ranges["data"][name]).__dict__[bound],
-                                           TensorData.from_dict(data).__dict__[bound], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(getattr(TensorData.from_dict(twin.ranges["data"][name]), bound),
+                                           getattr(TensorData.from_dict(data), bound), rtol=1e-5, atol=1e-6)
     differ = [name for name in set(report.rescaled) & set(twins[0].ranges["data"])  # the twin's own ranges, not the original's
               if not np.allclose(*(TensorData.from_dict(c.ranges["data"][name]).highest for c in twins), rtol=1e-2)]
     assert differ
