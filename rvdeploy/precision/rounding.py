@@ -242,8 +242,8 @@ def _folds(inputs: list[np.ndarray], layer: _Layer, shape: tuple[int, ...], samp
     groups = attrs.get("group", 1)
     columns = int(np.prod(shape[1:])) * groups  # of a row
     conv = layer.node.op_type == "Conv"
-    rows = sum(len(y) for y in samples.outputs)
-    last = conv and channels_last((sum(len(x) for x in inputs), *inputs[0].shape[1:]), shape[2:], groups, rows)
+    sampled = sum(len(y) for y in samples.outputs)
+    last = conv and channels_last((sum(len(x) for x in inputs), *inputs[0].shape[1:]), shape[2:], groups, sampled)
     for xq, positions, y in zip(inputs, samples.positions, samples.outputs):
         xq = np.asarray(xq, np.float32)
         image = np.arange(len(xq)) if positions is None else positions[0]
