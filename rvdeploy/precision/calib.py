@@ -221,20 +221,32 @@ def measure_ranges(model_path: str | os.PathLike, images: ImageSet, recipe: Prep
 def calibrate(model_path: str | os.PathLike, model_sha256: str, images: ImageSet, recipe: Preprocess, method: str,
               cache_path: str | os.PathLike | None = None, show_progress: bool = True) -> Calibration:
     """Ranges for ``method`` on ``images``, from ``cache_path`` when it holds them, else measured (and stored)."""
-    key = cache_key(model_sha256, method, images)
+    return _cached([model_sha256], model_path, images, method, cache_path,
+                   lambda: [measure_ranges(model_path, images, recipe, method, show_progress=show_progress)])[0]
+
+
+def _cached(sha256s: list[str], model_path: str | os.PathLike, images: ImageSet, method: str,
+            cache_path: str | os.PathLike | None, measure) -> list[Calibration]:
+    """The calibrations of the graphs with ``sha256s`` (all of ``model_path``'s tensors), from
+    ``cache_path`` when it holds every one, else ``measure()``-d (one set of ranges each, in one pass),
+    checked finite and stored."""
+    keys = [cache_key(sha256, method, images) for sha256 in sha256s]
     cache = _read_cache(Path(cache_path)) if cache_path else None
-    if cache is not None and key in cache["entries"]:
-        ranges = _checked_entry(cache["entries"][key], Path(cache_path), method, model_path)
-        return Calibration(ranges, method, len(images), 0.0, from_cache=True)
+    if cache is not None and all(key in cache["entries"] for key in keys):
+        expected = calibrated_tensors(model_path) if len(keys) > 1 else None  # one graph's nodes: the same tensors
+        return [Calibration(_checked_entry(cache["entries"][key], Path(cache_path), method, model_path, expected),
+                            method, len(images), 0.0, from_cache=True) for key in keys]
     start = time.perf_counter()
-    ranges = measure_ranges(model_path, images, recipe, method, show_progress=show_progress)
+    measured = measure()
     seconds = time.perf_counter() - start
-    _require_finite(ranges, model_path)
+    for key, ranges in zip(keys, measured):
+        _require_finite(ranges, model_path)
+        if cache is not None:
+            cache["entries"][key] = ranges
     if cache is not None:
-        cache["entries"][key] = ranges
         with atomic_output(cache_path) as tmp:
             tmp.write_text(json.dumps(cache))
-    return Calibration(ranges, method, len(images), seconds, from_cache=False)
+    return [Calibration(ranges, method, len(images), seconds, from_cache=False) for ranges in measured]
 
 
 def activation_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], what: str | os.PathLike = "the graph") -> dict[str, float]:
@@ -305,31 +317,20 @@ def calibrate_twins(model: onnx.ModelProto, model_path: str | os.PathLike, model
     ``images``: the twin's rescaled tensors are measured as copies scaled in the calibrated graph, the
     same values up to float32 rounding (equalization is exact: :mod:`rvdeploy.precision.equalize`).
     Both are read from ``cache_path`` when it holds both, else measured and stored."""
-    keys = [cache_key(sha256, method, images) for sha256 in (model_sha256, twin.sha256)]
-    cache = _read_cache(Path(cache_path)) if cache_path else None
-    if cache is not None and all(key in cache["entries"] for key in keys):
-        expected = calibrated_tensors(model_path)  # the twin's are the same tensors: one graph's nodes
-        return tuple(Calibration(_checked_entry(cache["entries"][key], Path(cache_path), method, model_path, expected),
-                                 method, len(images), 0.0, from_cache=True) for key in keys)
-    # what the calibrator measures in the graph itself (a rescaled tensor may be measured only as a copy's input)
-    measured_here = {name for node in model.graph.node if node.op_type in CALIBRATED_OPS for name in (*node.input, *node.output)}
-    augmented, copies = _with_rescaled_copies(model, twin.rescaled)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rvdeploy-twin-") as tmp:
-        both = measure_ranges(save_onnx(augmented, Path(tmp) / "with_copies.onnx"), images, recipe, method,
-                              show_progress=show_progress)
-    seconds = time.perf_counter() - start
-    data = both["data"]
-    own = {name: value for name, value in data.items() if name not in copies and (name not in twin.rescaled or name in measured_here)}
-    twin_data = dict(own)
-    twin_data.update({tensor: data[copy] for copy, tensor in copies.items() if tensor in own})
-    calibrations = []
-    for key, ranges in zip(keys, ({**both, "data": own}, {**both, "data": twin_data})):
-        _require_finite(ranges, model_path)
-        calibrations.append(Calibration(ranges, method, len(images), seconds, from_cache=False))
-        if cache is not None:
-            cache["entries"][key] = ranges
-    if cache is not None:
-        with atomic_output(cache_path) as tmp_cache:
-            tmp_cache.write_text(json.dumps(cache))
-    return tuple(calibrations)
+    def measure() -> list[dict]:
+        # what the calibrator measures in the graph itself (a rescaled tensor may be measured only as a copy's input)
+        measured_here = {name for node in model.graph.node if node.op_type in CALIBRATED_OPS
+                         for name in (*node.input, *node.output)}
+        augmented, copies = _with_rescaled_copies(model, twin.rescaled)
+        with tempfile.TemporaryDirectory(prefix="rvdeploy-twin-") as tmp:
+            both = measure_ranges(save_onnx(augmented, Path(tmp) / "with_copies.onnx"), images, recipe, method,
+                                  show_progress=show_progress)
+        data = both["data"]
+        own = {name: value for name, value in data.items()
+               if name not in copies and (name not in twin.rescaled or name in measured_here)}
+        twin_data = dict(own)
+        twin_data.update({tensor: data[copy] for copy, tensor in copies.items() if tensor in own})
+        return [{**both, "data": own}, {**both, "data": twin_data}]
+
+    mine, its = _cached([model_sha256, twin.sha256], model_path, images, method, cache_path, measure)
+    return mine, its
