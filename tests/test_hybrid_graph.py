@@ -110,7 +110,13 @@ def test_int8_takes_the_hybrid_graph(hybrid, held_out, tmp_path, target):
     equalization = next(line for line in stdout.splitlines() if line.startswith("equalization"))
     assert "a SiLU between them" in equalization and "squeeze-excitation" not in equalization  # named by what it is
     summary = next(line for line in stdout.splitlines() if line.startswith("INT8 ("))
-    assert "in float by design: 1 GridSample, 1 LayerNormalization, 5 MatMul, 1 Softmax" in summary, summary
+    # the token Linear layers (qkv, proj, offsets) in INT8; attention's two MatMuls in float
+    assert "3 of them token Linear layers" in summary and "in float by design: 1 GridSample, 1 LayerNormalization, " \
+        "2 MatMul, 1 Softmax" in summary, summary
+    written = onnx.load(out).graph
+    producers = {o: n.op_type for n in written.node for o in n.output}
+    linear = [n for n in written.node if n.op_type == "Gemm"]
+    assert len(linear) == 4 and all(producers[n.input[1]] == "DequantizeLinear" for n in linear)
     logits, features = _outputs(out, held_out)
     ref_logits, ref_features = _outputs(hybrid, held_out)
     assert sqnr_db(logits, ref_logits) >= 18.0 and sqnr_db(features, ref_features) >= 18.0

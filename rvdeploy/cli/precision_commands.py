@@ -155,6 +155,8 @@ def _int8_summary(report) -> str:
              + (f" ({report.held_out_images} more held out: nothing is fitted to them, every output SQNR below is "
                 "measured on them)" if report.held_out_images else "")
              + (f", {report.skipped_images} unreadable images skipped" if report.skipped_images else "")
+             + (f"; {len(report.linear_as_gemm)} of them token Linear layers (a MatMul by a constant weight, quantized as "
+                "a Gemm)" if report.linear_as_gemm else "")
              + ("; in float by design: " + ", ".join(f"{n} {op}" for op, n in report.float_by_design.items())
                 if report.float_by_design else "")]
     eq = report.equalization

@@ -35,6 +35,7 @@ from rvdeploy.precision.graph_choice import QuantizeSettings, graph_to_quantize
 from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, fp16_nodes, plan_fp32_nodes
 from rvdeploy.precision.guard import GuardReport, Top1Scorer, check_min_sqnr, fall_back_until_met, held_out_split
 from rvdeploy.precision.int8 import encode_weights, quantizable_nodes, quantize_int8
+from rvdeploy.precision.linear_layers import linear_matmuls_as_gemm
 from rvdeploy.precision.layer_report import LayerRow, layer_rows, plot_layers
 from rvdeploy.precision.mixed import PRECISIONS, MixedGraph, fallback_graph
 from rvdeploy.precision.rounding import Rounding, adaptive_rounding
@@ -134,6 +135,10 @@ def _write(model: onnx.ModelProto, source: onnx.ModelProto, path: str | os.PathL
     save_onnx(model, path)
 
 
+def _saved(model: onnx.ModelProto, path: Path) -> tuple[Path, str]:
+    return save_onnx(model, path), sha256_file(path)
+
+
 def _probe_shape(model: onnx.ModelProto, path: str | os.PathLike, options: Fp16Options) -> tuple[int, ...]:
     """(N, C, H, W) of the random probes: the graph's own input shape; where H, W are dynamic, the size
     given (``probe_size``, the recipe's) or the one in the graph's metadata."""
@@ -210,6 +215,7 @@ class Int8Report:
     cpu_format: CpuFormat | None = None  # the onnxruntime target's kernels per layer
     layers: list[LayerRow] = field(default_factory=list)
     float_by_design: dict[str, int] = field(default_factory=dict)  # compute nodes never quantized, by op
+    linear_as_gemm: list[str] = field(default_factory=list)  # token Linear layers (MatMul by a weight) quantized as Gemm
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -272,12 +278,12 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     for path, what in outputs:
         if path is not None:
             check_output_path(path, what)
-    model = load_fp32_graph(model_path)
-    recipe = model_recipe(model, model_path, options.recipe)
+    source = load_fp32_graph(model_path)
+    recipe = model_recipe(source, model_path, options.recipe)
     images = image_folder(options.calib_dir, recipe, options.num_images, options.allow_upscale)
     scorer = None
     if options.val_dir is not None:
-        scorer = Top1Scorer(model, labelled_folder(options.val_dir, recipe, options.allow_upscale), recipe, model_path)
+        scorer = Top1Scorer(source, labelled_folder(options.val_dir, recipe, options.allow_upscale), recipe, model_path)
     floor = options.min_sqnr or None  # 0: no floor
     guarded = floor is not None or scorer is not None
     # with a floor, some calibration images are held out: every output SQNR (the floor's, and each
@@ -287,9 +293,12 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     # numpy's and scipy's BLAS (two OpenBLAS pools) on one thread: between ONNX Runtime's runs, two pools of
     # two threads each on two cores waited on each other (a 577-column Cholesky took 6 ms to 170 ms)
     with tempfile.TemporaryDirectory(prefix="rvdeploy-int8-") as tmp, one_thread():
+        model, linear_layers = linear_matmuls_as_gemm(source)  # the FP32 graph every candidate is compared with
+        graph_file, graph_sha256 = ((model_path, source_sha256) if model is source else
+                                    _saved(model, Path(tmp) / "linear_as_gemm.onnx"))
         probe = OutputProbe(model, fitted_images, recipe, model_path)
         judge = OutputProbe(model, judged_images, recipe, model_path) if judged_images else probe
-        chosen = graph_to_quantize(model, model_path, source_sha256, options.equalize, QuantizeSettings(
+        chosen = graph_to_quantize(model, graph_file, graph_sha256, options.equalize, QuantizeSettings(
             options.target, options.method, options.cache_path, options.show_progress), fitted_images, recipe, judge,
             Path(tmp))
         graph, graph_path, calibration, equalization = chosen.model, chosen.path, chosen.calibration, chosen.equalization
@@ -356,6 +365,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         cpu_format=cpu_format,
         layers=layer_rows(graph, calibration.ranges, equalization if graph is not model or equalization is None
                           or equalization.nothing_to_equalize else None, sqnr, final.precisions, rounding),
+        linear_as_gemm=linear_layers,
         float_by_design=dict(sorted(Counter(n.op_type for n in graph.graph.node if n.op_type in FLOAT_BY_DESIGN).items())),
     )
     metadata = {
@@ -376,7 +386,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         metadata["u8u8_layers"] = sorted(cpu_format.unsigned & set(by_precision["int8"]))
         if cpu_format.unsigned != cpu_format.measured_unsigned:
             written = encode_weights(written, cpu_format.unsigned)
-    _write(written, model, out_path, metadata)
+    _write(written, source, out_path, metadata)
     if options.report_path:
         with atomic_output(options.report_path) as tmp_report:
             tmp_report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
