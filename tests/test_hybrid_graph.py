@@ -117,6 +117,12 @@ def test_int8_takes_the_hybrid_graph(hybrid, held_out, tmp_path, target):
     producers = {o: n.op_type for n in written.node for o in n.output}
     linear = [n for n in written.node if n.op_type == "Gemm"]
     assert len(linear) == 4 and all(producers[n.input[1]] == "DequantizeLinear" for n in linear)
+    if target == "onnxruntime":  # and ONNX Runtime runs every one of them as an integer GEMM
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        onnxruntime.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        assert [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node].count("QGemm") == 4
     logits, features = _outputs(out, held_out)
     ref_logits, ref_features = _outputs(hybrid, held_out)
     assert sqnr_db(logits, ref_logits) >= 18.0 and sqnr_db(features, ref_features) >= 18.0

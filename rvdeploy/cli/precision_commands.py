@@ -150,13 +150,14 @@ def _first_few(nodes: list[str], guard) -> str:
 def _int8_summary(report) -> str:
     judged_on = _judged_on(report)
     calibrated = "from the cache" if report.from_cache else f"in {report.calibration_seconds:.1f} s"
+    linear_int8 = len(set(report.linear_as_gemm) - set(report.fp16_nodes) - set(report.fp32_nodes))
     lines = [f"INT8 ({report.target} layout, {report.method}): {report.quantized_nodes} layers quantized, "
              f"calibrated on {report.calibration_images} images {calibrated}"
              + (f" ({report.held_out_images} more held out: nothing is fitted to them, every output SQNR below is "
                 "measured on them)" if report.held_out_images else "")
              + (f", {report.skipped_images} unreadable images skipped" if report.skipped_images else "")
-             + (f"; {len(report.linear_as_gemm)} of them token Linear layers (a MatMul by a constant weight, quantized as "
-                "a Gemm)" if report.linear_as_gemm else "")
+             + (f"; {linear_int8} of them token Linear layers (a MatMul by a constant weight, quantized as a Gemm)"
+                if linear_int8 else "")
              + ("; in float by design: " + ", ".join(f"{n} {op}" for op, n in report.float_by_design.items())
                 if report.float_by_design else "")]
     eq = report.equalization

@@ -228,7 +228,7 @@ class Int8Report:
         return json_safe(data)
 
 
-# What INT8 leaves in float from the start: attention's and tokens' MatMuls, Softmax and the norms
+# What INT8 leaves in float from the start: attention's MatMuls (token Linear layers are Gemms by now), Softmax and the norms
 # (ModelOpt's and TensorRT's guidance keep them in higher precision); rvdeploy quantizes Conv and Gemm.
 FLOAT_BY_DESIGN = ("MatMul", "Einsum", "Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
                    "GridSample")
