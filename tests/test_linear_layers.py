@@ -11,7 +11,13 @@ import pytest
 import torch
 from torch import nn
 
+from rvdeploy.compare import sqnr_db
+from rvdeploy.engine.build import compile_onnx
+from rvdeploy.engine.library import load_library
 from rvdeploy.precision.linear_layers import linear_matmuls_as_gemm
+
+from test_cli import run
+from test_int8_guard import CALIB
 
 
 class Tokens(nn.Module):
@@ -73,3 +79,20 @@ def test_a_graph_before_opset_11_is_returned_as_it_is():
     model = _export(False)
     old_opset = onnx.helper.make_model(model.graph, opset_imports=[onnx.helper.make_opsetid("", 10)])
     assert linear_matmuls_as_gemm(old_opset) == (old_opset, [])  # no optional Gemm C before opset 11
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_int8_takes_shared_bias_free_and_4d_token_linear_layers(tmp_path, target):
+    source, out = tmp_path / "tokens.onnx", tmp_path / "int8.onnx"
+    onnx.save(_export(False), source)
+    code, stdout, stderr = run("quantize", source, "--int8", "--target", target, "--calib", CALIB, "--num-images", 64,
+                               "--allow-upscale", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--input-size", 16,
+                               "--min-sqnr", 0, "-o", out)
+    assert code == 0, stderr
+    assert "5 of them token Linear layers" in stdout and "in float by design: 2 MatMul, 1 Softmax" in stdout, stdout
+    x = np.random.default_rng(1).uniform(-2, 2, (4, 3, 16, 16)).astype(np.float32)  # what the recipe makes of pixels
+    for ours, theirs in zip(_run(onnx.load(out), x), _run(onnx.load(source), x)):
+        assert sqnr_db(ours, theirs) >= 18.0
+    if target == "tensorrt":
+        engine, _ = compile_onnx(out, load_library("tensorrt-rtx"))
+        assert len(engine) > 10_000
