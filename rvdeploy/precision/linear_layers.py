@@ -57,11 +57,9 @@ def linear_matmuls_as_gemm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
         if node.op != "MatMul" or isinstance(node.inputs[0], gs.Constant):
             continue
         x, weight = node.inputs[0], _constant(node.inputs[1])
-        if weight is None:
+        if weight is None or weight.values.dtype != np.float32 or weight.values.ndim != 2:
             continue
         name = node.name or f"{node.outputs[0].name}/Gemm"  # INT8 picks its layers by node name
-        if weight.values.dtype != np.float32 or weight.values.ndim != 2:
-            continue
         width = weight.values.shape[1]
         if weight.name not in transposed:
             transposed[weight.name] = gs.Constant(f"{weight.name}_out_in", np.ascontiguousarray(weight.values.T))
