@@ -76,8 +76,7 @@ def linear_matmuls_as_gemm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
                 shape, *(gs.Constant(f"{x.name}_leading_{what}", np.array([v], np.int64))
                          for what, v in (("start", 0), ("end", -1), ("axis", 0)))], outputs=[leading]))
             rows_of[x.name] = rows, leading
-        for produced in node.outputs + (bias[0].outputs if bias else []):
-            produced.inputs.clear()
+        result.inputs.clear()  # the Gemm (or its Reshape) writes it now; cleanup drops the MatMul and Add
         gemm_inputs = [x if flat else rows_of[x.name][0], transposed[weight.name]] + ([bias[1]] if bias else [])
         if flat:
             graph.nodes.append(gs.Node("Gemm", name, {"transB": 1}, gemm_inputs, [result]))
@@ -88,9 +87,6 @@ def linear_matmuls_as_gemm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
             graph.nodes.append(gs.Node("Concat", f"{name}/shape", {"axis": 0}, [
                 rows_of[x.name][1], gs.Constant(f"{result.name}_width", np.array([width], np.int64))], [shape]))
             graph.nodes.append(gs.Node("Reshape", f"{name}/restore", inputs=[product, shape], outputs=[result]))
-        node.inputs.clear()
-        if bias:
-            bias[0].inputs.clear()
         layers.append(name)
     if not layers:
         return model, []
