@@ -46,8 +46,9 @@ def _constant(tensor: gs.Tensor) -> gs.Constant | None:
 def linear_matmuls_as_gemm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` with each MatMul by a constant 2-D float weight (and the bias Add after it) written as a
     Gemm, and the names of those layers (each Gemm keeps its MatMul's name); ``model`` itself where none is."""
-    if max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0) < MIN_OPSET:
-        return model, []
+    if max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0) < MIN_OPSET or not any(
+            node.op_type == "MatMul" for node in model.graph.node):
+        return model, []  # a conv net is not imported into graphsurgeon at all
     graph = gs.import_onnx(model)
     graph_outputs = {t.name for t in graph.outputs}
     transposed: dict[str, gs.Constant] = {}  # by weight name: a weight shared by several layers is copied once

@@ -135,10 +135,6 @@ def _write(model: onnx.ModelProto, source: onnx.ModelProto, path: str | os.PathL
     save_onnx(model, path)
 
 
-def _saved(model: onnx.ModelProto, path: Path) -> tuple[Path, str]:
-    return save_onnx(model, path), sha256_file(path)
-
-
 def _probe_shape(model: onnx.ModelProto, path: str | os.PathLike, options: Fp16Options) -> tuple[int, ...]:
     """(N, C, H, W) of the random probes: the graph's own input shape; where H, W are dynamic, the size
     given (``probe_size``, the recipe's) or the one in the graph's metadata."""
@@ -294,8 +290,10 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
     # two threads each on two cores waited on each other (a 577-column Cholesky took 6 ms to 170 ms)
     with tempfile.TemporaryDirectory(prefix="rvdeploy-int8-") as tmp, one_thread():
         model, linear_layers = linear_matmuls_as_gemm(source)  # the FP32 graph every candidate is compared with
-        graph_file, graph_sha256 = ((model_path, source_sha256) if model is source else
-                                    _saved(model, Path(tmp) / "linear_as_gemm.onnx"))
+        graph_file, graph_sha256 = model_path, source_sha256
+        if linear_layers:
+            graph_file = save_onnx(model, Path(tmp) / "linear_as_gemm.onnx")
+            graph_sha256 = sha256_file(graph_file)
         probe = OutputProbe(model, fitted_images, recipe, model_path)
         judge = OutputProbe(model, judged_images, recipe, model_path) if judged_images else probe
         chosen = graph_to_quantize(model, graph_file, graph_sha256, options.equalize, QuantizeSettings(
