@@ -14,7 +14,8 @@ from rvdeploy.checkpoint import load_train_weights, save_deploy_weights
 from rvdeploy.data import labelled_folder
 from rvdeploy.eval import evaluate
 from rvdeploy.export import ExportOptions, export_onnx
-from rvdeploy.precision.quantize import Fp16Options, Int8Options, quantize_fp16, quantize_int8_file
+from rvdeploy.precision.fp16_file import Fp16Options, quantize_fp16
+from rvdeploy.precision.quantize import Int8Options, quantize_int8_file
 from rvdeploy.reparam import fuse
 from rvdeploy.runners import open_runner
 

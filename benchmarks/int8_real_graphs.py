@@ -45,7 +45,7 @@ from results_io import write_results
 RVDEPLOY = str(Path(sys.executable).with_name("rvdeploy"))
 SIZE, CALIB, HELD_OUT = 160, 64, 32
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-SIZED = ("efficientvit_m", "tiny_vit", "efficientformerv2", "levit", "deit", "vit_")  # timm nets built for one input size
+SIZED = ("efficientvit_m", "efficientformerv2", "levit", "deit", "vit_")  # timm nets built for one input size
 MODELS = {  # name → (framework, mean and std the net takes)
     "mobileone_s0": ("timm", IMAGENET), "repvgg_a0": ("timm", IMAGENET), "fastvit_sa12": ("timm", IMAGENET),
     "efficientvit_m0": ("timm", IMAGENET), "yolov10n": ("ultralytics", ((0.0,) * 3, (1.0,) * 3)),

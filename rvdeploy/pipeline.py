@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from rvdeploy.gate import GateResult
     from rvdeploy.graphfold import GraphFoldOptions, GraphFoldReport
     from rvdeploy.precision.fp16 import Fp16Report
-    from rvdeploy.precision.quantize import Fp16Options, Int8Options, Int8Report
+    from rvdeploy.precision.fp16_file import Fp16Options
+    from rvdeploy.precision.quantize import Int8Options, Int8Report
     from rvdeploy.reparam import PROBE_SIZE, FoldReport
     from rvdeploy.verify import VerifyReport
     from rvdeploy.weights import DeployWeights, TrainWeights
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 # loads nothing heavy. The stages' option types are this module's attributes all the same (PEP 562).
 _LAZY = {
     "BenchSettings": "rvdeploy.bench", "BuildSettings": "rvdeploy.engine.build", "ExportOptions": "rvdeploy.export",
-    "Fp16Options": "rvdeploy.precision.quantize", "Int8Options": "rvdeploy.precision.quantize",
+    "Fp16Options": "rvdeploy.precision.fp16_file", "Int8Options": "rvdeploy.precision.quantize",
     "Int8Report": "rvdeploy.precision.quantize", "Fp16Report": "rvdeploy.precision.fp16",
     "GraphFoldOptions": "rvdeploy.graphfold", "GraphFoldReport": "rvdeploy.graphfold", "PROBE_SIZE": "rvdeploy.reparam",
 }
@@ -189,7 +190,8 @@ def verify_model(model: str | os.PathLike, checkpoint: str | os.PathLike | None 
 def quantize_model(model: str | os.PathLike, output: str | os.PathLike,
                    options: Fp16Options | Int8Options) -> Fp16Report | Int8Report:
     """Write the FP16 or INT8 graph of the FP32 graph ``model``."""
-    from rvdeploy.precision.quantize import Int8Options, quantize_fp16, quantize_int8_file
+    from rvdeploy.precision.fp16_file import quantize_fp16
+    from rvdeploy.precision.quantize import Int8Options, quantize_int8_file
 
     if isinstance(options, Int8Options):
         return quantize_int8_file(model, output, options)

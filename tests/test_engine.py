@@ -174,7 +174,10 @@ def gpu_engines(tmp_path_factory):
     """FP32, FP16 and INT8 engines of the shipped model, built here with the installed backend."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU: engines are built here, but running them needs one")
-    backend = load_library("auto")
+    try:
+        backend = load_library("auto")
+    except LibraryError as exc:
+        pytest.skip(f"a CUDA GPU but no TensorRT runtime to run engines: {exc}")
     folder = tmp_path_factory.mktemp("gpu")
     fp32 = folder / "digits.onnx"
     code, _, stderr = run("export", ROOT / "models/digits/repvgg_digits_train.pth", "--onnx", fp32)

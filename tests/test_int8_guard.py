@@ -254,10 +254,12 @@ def test_fallback_stays_fp32_where_fp16_overflows(work, digits_onnx):
     images = image_folder(CALIB, recipe, 32)
     calibration = calibrate(big, "key", images, recipe, "minmax", show_progress=False)
     probe = OutputProbe(onnx.load(big), images, recipe, big)
-    from rvdeploy.precision.calib import activation_peaks
+    from rvdeploy.precision.calib import activation_stats
+    from rvdeploy.precision.fp16 import plan_fp16
 
-    peaks = activation_peaks(onnx.load(big), probe.feeds)
-    mixed = fallback_graph(big, calibration, "tensorrt", (node, "/stage1/stage1.0/rbr_reparam/Conv"), lambda: peaks)
+    plan = plan_fp16(onnx.load(big), activation_stats(onnx.load(big), probe.feeds), probe.sqnr, None)
+    mixed = fallback_graph(big, calibration, "tensorrt", (node, "/stage1/stage1.0/rbr_reparam/Conv"),
+                           lambda: {kept.node for kept in plan.kept_fp32})
     assert mixed.precisions[node] == "fp32" and mixed.precisions["/stage1/stage1.0/rbr_reparam/Conv"] == "fp16"
     assert np.isfinite(probe.outputs(mixed.model)).all()
 

@@ -11,8 +11,9 @@ from rvdeploy.cli.options import backend_choice, bn_eps_option, recipe_from, rec
 from rvdeploy.cli.render import console, print_json
 from rvdeploy.errors import RvdeployError
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.choices import (DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING, MAX_HELD_OUT, METHODS,
-                                        MIN_IMAGES_TO_HOLD_OUT, ROUNDINGS, SENSITIVITY_IMAGES, TARGETS)
+from rvdeploy.precision.choices import (DEFAULT_FP16_MIN_SQNR_DB, DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING,
+                                        KEPT_FP32_FOR, MAX_HELD_OUT, METHODS, MIN_IMAGES_TO_HOLD_OUT, ROUNDINGS,
+                                        SENSITIVITY_IMAGES, TARGETS)
 
 
 def precision_options(command):
@@ -33,11 +34,12 @@ def precision_options(command):
         click.option("--rounding", type=click.Choice(ROUNDINGS), default=DEFAULT_ROUNDING, show_default=True,
                      help="With --int8: INT8 weights chosen layer by layer to reproduce each layer's FP32 outputs on the "
                           "calibration images (adaptive), or each rounded to nearest (faster, less accurate)."),
-        click.option("--min-sqnr", type=float, help="With --int8: label-free floor: the output SQNR (dB) against FP32 on "
-                     f"held-out calibration images (a quarter, at most {MAX_HELD_OUT}, picked with a fixed seed from "
-                     f"{MIN_IMAGES_TO_HOLD_OUT} images on; nothing is fitted to them) "
-                     "must reach this; the most sensitive layers leave INT8 until it does "
-                     f"[default: {DEFAULT_MIN_SQNR_DB:g}; 0 turns it off, and every image is fitted on]."),
+        click.option("--min-sqnr", type=float, help="Label-free floor: the output SQNR (dB) against FP32 must reach this. "
+                     f"--int8: on held-out calibration images (a quarter, at most {MAX_HELD_OUT}, picked with a fixed seed from "
+                     f"{MIN_IMAGES_TO_HOLD_OUT} images on; nothing is fitted to them); the most sensitive layers leave INT8 "
+                     f"until it does [default: {DEFAULT_MIN_SQNR_DB:g}; 0 turns it off, and every image is fitted on]. "
+                     "--fp16: on the observed images (or random probes); a run of nodes in graph order, from where rounding is "
+                     f"amplified most, stays FP32 until it does [default: {DEFAULT_FP16_MIN_SQNR_DB:g}; 0 turns it off]."),
         click.option("--val", "val_dir", type=click.Path(path_type=Path), help="With --int8: validation folder (one sub-folder per class) for the accuracy guard."),
         click.option("--max-top1-drop", type=click.FloatRange(min=0), help="With --int8: the accuracy guard's allowed top-1 drop in points."),
         click.option("--report", "report_path", type=click.Path(dir_okay=False), help="With --int8: write the per-layer report as JSON."),
@@ -63,11 +65,12 @@ def precision_from(precision: str | None, target: str, kwargs: dict, show_progre
     io_fp16, method, cache, equalize, bias_correction, rounding, min_sqnr, val_dir, max_drop, report, plot = (
         kwargs.pop(k) for k in names)
     if precision == "fp16":
-        given = [flag for flag, value in (("--min-sqnr", min_sqnr), ("--report", report), ("--plot", plot),
+        given = [flag for flag, value in (("--report", report), ("--plot", plot),
                                           ("--rounding", None if rounding == DEFAULT_ROUNDING else rounding)) if value is not None]
         if given:
-            raise RvdeployError(f"{given[0]} is for --int8: FP16 has no per-layer quantization to guard or report")
-        return pipeline.Fp16Options(io_fp16=io_fp16, probe_size=probe_size, **images)
+            raise RvdeployError(f"{given[0]} is for --int8: FP16 has no per-layer quantization to report")
+        return pipeline.Fp16Options(io_fp16=io_fp16, probe_size=probe_size,
+                                    min_sqnr=DEFAULT_FP16_MIN_SQNR_DB if min_sqnr is None else min_sqnr, **images)
     if precision == "int8":
         return pipeline.Int8Options(target=target, cpu=cpu, method=method, cache_path=cache, equalize=equalize,
                                     bias_correction=bias_correction, rounding=rounding, min_sqnr=DEFAULT_MIN_SQNR_DB if min_sqnr is None else min_sqnr,
@@ -127,7 +130,6 @@ def _cpu_format_line(cpu_format, int8_layers: int) -> str:
 
 
 SKIPPED_SHOWN = 3  # the rest are in --report
-FP16_LOW_SQNR_DB = 35.0  # an FP16 graph below this is called out (healthy ones reach 60-80 dB)
 
 
 def _skipped(skipped) -> str:
@@ -243,13 +245,35 @@ def _summary(report) -> str:
     from rvdeploy import pipeline
     if isinstance(report, pipeline.Int8Report):
         return _int8_summary(report)
-    kept = ", ".join(k.node for k in report.kept_fp32) or "none"
-    low = (f"; under {FP16_LOW_SQNR_DB:g} dB: this graph amplifies FP16 rounding, check it on real inputs"
-           if report.output_sqnr_db < FP16_LOW_SQNR_DB else "")
-    return (f"FP16: {report.nodes_fp16} nodes in FP16; kept in FP32: {kept}; "
-            f"{report.weights_flushed_to_zero} weights too small for FP16 (flushed to 0); "
-            f"ranges checked on {report.observed_inputs} {report.observed_on}\n"
-            f"output SQNR against FP32 on them: {_db(report.output_sqnr_db)}{low}")
+    return _fp16_summary(report)
+
+
+def _fp16_summary(report) -> str:
+    by_kind = {kind: [k for k in report.kept_fp32 if k.kind == kind] for kind in KEPT_FP32_FOR}
+    what = {"range": "beyond FP16's range", "underflow": "below FP16's normal range", "floor": "for the floor"}
+    kept = "; ".join(f"{len(nodes)} {what[kind]} ({', '.join(k.node for k in nodes[:SKIPPED_SHOWN])}"
+                     f"{', ...' if len(nodes) > SKIPPED_SHOWN else ''})" for kind, nodes in by_kind.items() if nodes) or "none"
+    probes = report.observed_on == "random probes"
+    kinds = " (standard-normal, and smooth in [0, 1])" if probes else ""
+    lines = [f"FP16: {report.nodes_fp16} nodes in FP16; kept in FP32: {kept}; {report.weights_flushed_to_zero} weights too "
+             f"small for FP16 (flushed to 0); ranges checked on {report.observed_inputs} {report.observed_on}{kinds}"]
+    on = "them" if report.judged_inputs == report.observed_inputs else f"{report.judged_inputs} of them"
+    on += " (the worse kind's)" if probes else ""
+    floor, measured = report.floor, f"output SQNR against FP32 on {on}: {_db(report.output_sqnr_db)}"
+    if floor is None:
+        low = (f"; under {DEFAULT_FP16_MIN_SQNR_DB:g} dB: this graph amplifies FP16 rounding, check it on real inputs"
+               if report.output_sqnr_db < DEFAULT_FP16_MIN_SQNR_DB else "")
+        lines.append(f"{measured} (no floor: --min-sqnr 0){low}")
+    elif not floor.steps:
+        lines.append(f"{measured}: meets the {floor.min_sqnr_db:g} dB floor")
+    else:
+        share = f"its FP16 nodes {floor.kept_from + 1} to {floor.kept_to} of {floor.fp16_nodes} in graph order"
+        verdict = (f"meets the {floor.min_sqnr_db:g} dB floor with {share} kept FP32" if floor.met else
+                   f"misses the {floor.min_sqnr_db:g} dB floor even with {share} kept FP32: this graph amplifies FP16 "
+                   "rounding, check it on real inputs")
+        lines.append(f"{measured}; {verdict} (FP16 elsewhere: {_db(floor.planned_sqnr_db)}; "
+                     f"{len(floor.steps)} candidates measured)")
+    return "\n".join(lines)
 
 
 @click.command()

@@ -6,6 +6,9 @@ METHODS = ("entropy", "percentile", "minmax")  # calibration methods (rvdeploy.p
 # The label-free floor every INT8 graph meets unless told otherwise: noise at 10 % of the outputs' RMS.
 # Healthy INT8 graphs of the shipped model reach 28-30 dB; broken ones (saturated, imbalanced) 5-15 dB.
 DEFAULT_MIN_SQNR_DB = 20.0
+# The FP16 graph's default floor, on the inputs it is observed on (rvdeploy.precision.fp16.plan_fp16).
+DEFAULT_FP16_MIN_SQNR_DB = 35.0
+KEPT_FP32_FOR = ("range", "underflow", "floor")  # why an FP16 graph's node stays FP32
 DEFAULT_METHOD = "minmax"  # the best of the three measured on the shipped model: benchmarks/results/int8_methods.md
 ROUNDINGS = ("nearest", "adaptive")  # how INT8 weights are rounded (rvdeploy.precision.rounding)
 DEFAULT_ROUNDING = "adaptive"  # 1.8x the time of nearest on RepVGG-A0, 224 px, 256 images (benchmarks/results/int8_rounding.md)

@@ -52,6 +52,7 @@ def linear_matmuls_as_gemm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
     graph = gs.import_onnx(model)
     graph_outputs = {t.name for t in graph.outputs}
     transposed: dict[str, gs.Constant] = {}  # by weight name: a weight shared by several layers is copied once
+    bias_rows: dict[str, gs.Constant] = {}  # so is a shared bias (RT-DETR's box heads): one tensor per name
     rows_of: dict[str, tuple[gs.Variable, gs.Variable]] = {}  # by input name: its 2-D rows and its leading axes
     layers = []
     for node in list(graph.nodes):
@@ -78,7 +79,8 @@ def linear_matmuls_as_gemm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
                          for what, v in (("start", 0), ("end", -1), ("axis", 0)))], outputs=[leading]))
             rows_of[x.name] = rows, leading
         result.inputs.clear()  # the Gemm (or its Reshape) writes it now; cleanup drops the MatMul and Add
-        gemm_inputs = [x if flat else rows_of[x.name][0], transposed[weight.name]] + ([bias[1]] if bias else [])
+        gemm_inputs = [x if flat else rows_of[x.name][0], transposed[weight.name]]
+        gemm_inputs += [bias_rows.setdefault(bias[1].name, bias[1])] if bias else []
         if flat:
             graph.nodes.append(gs.Node("Gemm", name, {"transB": 1}, gemm_inputs, [result]))
         else:

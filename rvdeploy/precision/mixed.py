@@ -2,8 +2,9 @@
 
 TensorRT runs a layer without Q/DQ in FP16 (in a strongly typed network: because its tensors are
 FP16), so for the ``tensorrt`` target a fallback layer is typed FP16 in the graph: FP16 weights,
-Cast nodes around it, its ReLU with it. It stays FP32 only where FP16 cannot hold its weights or the
-activations it reads or writes on the calibration images (fp16.py's range check). ONNX Runtime on
+Cast nodes around it, its ReLU with it. It stays FP32 only where the FP32 graph's FP16 plan keeps it
+FP32 (fp16.py: values beyond FP16's range or below its normal range on the calibration images, or in
+the run of nodes its output SQNR floor keeps). ONNX Runtime on
 CPUs has no FP16 kernels worth having: for the ``onnxruntime`` target a fallback layer is FP32.
 """
 
@@ -18,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from rvdeploy.precision.calib import Calibration
-from rvdeploy.precision.fp16 import convert_fp16, plan_fp32_nodes
+from rvdeploy.precision.fp16 import convert_fp16
 from rvdeploy.precision.int8 import quantizable_nodes, quantize_int8
 from rvdeploy.precision.rounding import Rounding
 
@@ -52,11 +53,11 @@ def _with_activation(graph: gs.Graph, layers: set[str]) -> set[str]:
 
 
 def fallback_graph(graph_path: str | os.PathLike, calibration: Calibration, target: str, fallback: tuple[str, ...],
-                   activation_peaks: Callable[[], dict[str, float]],
+                   fp16_fp32: Callable[[], set[str]],
                    unsigned_weights: frozenset[str] = frozenset(), rounding: Rounding | None = None) -> MixedGraph:
     """The Q/DQ graph of ``graph_path`` with the ``fallback`` layers out of INT8, and each Conv/Gemm's
-    precision ("int8", "fp16" or "fp32"). ``activation_peaks`` gives the largest |value| of every
-    tensor on the calibration images; it is called only when a layer falls back to FP16.
+    precision ("int8", "fp16" or "fp32"). ``fp16_fp32`` gives the nodes the FP32 graph's FP16 plan
+    keeps FP32 (:func:`rvdeploy.precision.fp16.plan_fp16`); it is called only when a layer falls back to FP16.
     ``unsigned_weights``: the INT8 layers whose weights are uint8 (onnxruntime layout); ``rounding``: the
     integers and biases adaptive rounding chose for the INT8 layers before any fallback layer (None: rounded to nearest)."""
     quantized = quantize_int8(graph_path, calibration, target, nodes_to_exclude=fallback, unsigned_weights=unsigned_weights)
@@ -66,8 +67,8 @@ def fallback_graph(graph_path: str | os.PathLike, calibration: Calibration, targ
     if not fallback or target != "tensorrt":
         return MixedGraph(quantized, precisions)
     graph = gs.import_onnx(quantized)
-    overflowing = {kept.node for kept in plan_fp32_nodes(graph, activation_peaks())}
-    fp16 = _with_activation(graph, set(fallback) - overflowing) - overflowing
+    fp32 = fp16_fp32()
+    fp16 = _with_activation(graph, set(fallback) - fp32) - fp32
     precisions.update({node: "fp16" for node in fallback if node in fp16})
     typed = convert_fp16(quantized, keep_fp32={n.name for n in graph.nodes} - fp16)
     return MixedGraph(typed, precisions)

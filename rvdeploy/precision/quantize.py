@@ -1,4 +1,5 @@
-"""The ``quantize`` stage: an FP32 ONNX graph in, a typed (FP16) or Q/DQ (INT8) graph out.
+"""The ``quantize`` stage: an FP32 ONNX graph in, a Q/DQ (INT8) graph out, and what its FP16 path
+(:mod:`rvdeploy.precision.fp16_file`) shares with it.
 
 The model's own preprocessing recipe comes from its rvdeploy metadata; a graph without metadata
 needs one given explicitly. Outputs keep the input's metadata and add what precision they are.
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.numpy_helper
-import onnx_graphsurgeon as gs
 
 from rvdeploy.compare import json_safe
 from rvdeploy.data import image_folder, labelled_folder
@@ -26,13 +26,13 @@ from rvdeploy.files import atomic_output, check_output_path, sha256_file
 from rvdeploy.onnx_io import load_onnx, read_metadata, save_onnx, write_metadata
 from rvdeploy.precision.bias_correction import BiasCorrection, BiasCorrector
 from rvdeploy.machine import CPU_CLASSES
-from rvdeploy.precision.choices import (DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING, METHODS, ROUNDINGS,
-                                        SENSITIVITY_IMAGES, TARGETS)
-from rvdeploy.precision.calib import QUANTIZED_OPS, activation_peaks, model_feeds
+from rvdeploy.precision.choices import (DEFAULT_FP16_MIN_SQNR_DB, DEFAULT_METHOD, DEFAULT_MIN_SQNR_DB, DEFAULT_ROUNDING,
+                                        METHODS, ROUNDINGS, SENSITIVITY_IMAGES, TARGETS)
+from rvdeploy.precision.calib import QUANTIZED_OPS, activation_stats
 from rvdeploy.precision.cpu_format import CpuFormat, plan_cpu_format
 from rvdeploy.precision.equalize import EqualizeReport
 from rvdeploy.precision.graph_choice import QuantizeSettings, graph_to_quantize
-from rvdeploy.precision.fp16 import FP16_TINY, Fp16Report, convert_fp16, fp16_nodes, plan_fp32_nodes
+from rvdeploy.precision.fp16 import plan_fp16
 from rvdeploy.precision.guard import GuardReport, Top1Scorer, check_min_sqnr, fall_back_until_met, held_out_split
 from rvdeploy.precision.int8 import encode_weights, quantizable_nodes, quantize_int8
 from rvdeploy.precision.linear_layers import linear_matmuls_as_gemm
@@ -43,9 +43,6 @@ from rvdeploy.precision.sensitivity import OutputProbe, layer_sqnr, most_sensiti
 from rvdeploy.preprocess import Preprocess
 from rvdeploy.probes import one_thread
 
-FP16_PROBES = 8
-
-
 @dataclass(frozen=True)
 class ImageOptions:
     """Which images to observe, and how to read them."""
@@ -54,12 +51,6 @@ class ImageOptions:
     num_images: int | None = None  # the first N images only
     recipe: Preprocess | None = None  # None: the graph's own (from its metadata)
     allow_upscale: bool = False
-
-
-@dataclass(frozen=True)
-class Fp16Options(ImageOptions):
-    io_fp16: bool = False  # FP16 graph input and output too
-    probe_size: tuple[int, int] | None = None  # (H, W) of the random probes without calib_dir, for a graph whose own is dynamic
 
 
 @dataclass(frozen=True)
@@ -128,66 +119,12 @@ def model_recipe(model: onnx.ModelProto, path: str | os.PathLike, override: Prep
         raise QuantizeError(f"{path}: {exc}") from None
 
 
-def _write(model: onnx.ModelProto, source: onnx.ModelProto, path: str | os.PathLike, updates: dict) -> None:
+def write_typed(model: onnx.ModelProto, source: onnx.ModelProto, path: str | os.PathLike, updates: dict) -> None:
+    """Write a graph of ``source`` in another precision: ``source``'s metadata, with ``updates``."""
     present = {p.key for p in model.metadata_props}
     model.metadata_props.extend(p for p in source.metadata_props if p.key not in present)
     write_metadata(model, updates)
     save_onnx(model, path)
-
-
-def _probe_shape(model: onnx.ModelProto, path: str | os.PathLike, options: Fp16Options) -> tuple[int, ...]:
-    """(N, C, H, W) of the random probes: the graph's own input shape; where H, W are dynamic, the size
-    given (``probe_size``, the recipe's) or the one in the graph's metadata."""
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.input[0].type.tensor_type.shape.dim]
-    if len(dims) != 4:
-        raise QuantizeError(f"{path}: its input {model.graph.input[0].name} has {len(dims)} dimensions, not N, C, H, W")
-    size = dims[2:]
-    if None in size:
-        size = options.probe_size or (options.recipe.input_size if options.recipe else read_metadata(model).get("input_size"))
-    if size is None:
-        raise QuantizeError(f"{path} has a dynamic input size ({dims[2] or '?'}x{dims[3] or '?'}): give --input-size "
-                            "for the FP16 range probes, or --calib")
-    return dims[0] or FP16_PROBES, dims[1] or 3, *size
-
-
-def _observation_feeds(model: onnx.ModelProto, path: str | os.PathLike, options: Fp16Options):
-    """Inputs on which FP16 ranges are checked: calibration images (with the model's recipe), else
-    standard-normal probes of the graph's input shape (no recipe needed)."""
-    if options.calib_dir is None:
-        shape = _probe_shape(model, path, options)
-        probes = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-        return [{model.graph.input[0].name: probes}], shape[0], "random probes"
-    recipe = model_recipe(model, path, options.recipe)
-    images = image_folder(options.calib_dir, recipe, options.num_images, options.allow_upscale)
-    return list(model_feeds(model, images, recipe, batch_size=32)), len(images), "calibration images"
-
-
-def quantize_fp16(model_path: str | os.PathLike, out_path: str | os.PathLike,
-                  options: Fp16Options = Fp16Options()) -> Fp16Report:
-    """Write the FP16 graph of ``model_path``; nodes whose values FP16 cannot hold stay FP32."""
-    check_output_path(out_path)
-    model = load_fp32_graph(model_path)
-    feeds, observed, observed_on = _observation_feeds(model, model_path, options)
-    peaks = activation_peaks(model, feeds, model_path)
-    graph = gs.import_onnx(model)
-    kept = plan_fp32_nodes(graph, peaks)
-    kept_names = {k.node for k in kept}
-    flushed = sum(
-        int(((np.abs(t.values) < FP16_TINY) & (t.values != 0)).sum())
-        for node in graph.nodes if node.name not in kept_names
-        for t in node.inputs if isinstance(t, gs.Constant) and t.values.dtype == np.float32
-    )
-    converted = convert_fp16(model, kept_names, options.io_fp16)
-    # measured, not assumed: FP16 is usually 60-80 dB from FP32, but a graph that amplifies rounding is not
-    sqnr = OutputProbe(model, feeds, None, model_path).sqnr(converted)
-    report = Fp16Report(fp16_nodes(converted), kept, flushed, observed, observed_on, sqnr)
-    _write(converted, model, out_path, {
-        "precision": "fp16",
-        "io_precision": "fp16" if options.io_fp16 else "fp32",
-        "fp32_nodes": sorted(kept_names),
-        "source_onnx_sha256": sha256_file(model_path),
-    })
-    return report
 
 
 @dataclass
@@ -322,7 +259,9 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
 
         if options.report_path or options.plot_path:
             sensitivity()
-        peaks = functools.cache(lambda: activation_peaks(graph, probe.feeds, model_path))
+        # what FP16 cannot serve (tensorrt: the layers out of INT8 run FP16 elsewhere); planned when one falls back
+        fp16_fp32 = functools.cache(lambda: {kept.node for kept in plan_fp16(
+            graph, activation_stats(graph, probe.feeds, model_path), judge.sqnr, DEFAULT_FP16_MIN_SQNR_DB).kept_fp32})
 
         fitted = frozenset(rounding.bias_chosen) if rounding and rounding.kept else frozenset()
         corrected = _Corrected(graph, probe, judge, options.target, model_path, fitted) if options.bias_correction else None
@@ -330,7 +269,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
             first = corrected(first)  # the sensitivity grafts the uncorrected, nearest-rounded layers, one at a time
 
         def build(fallback: tuple[str, ...]) -> MixedGraph:
-            candidate = fallback_graph(graph_path, calibration, options.target, fallback, peaks, measured_unsigned,
+            candidate = fallback_graph(graph_path, calibration, options.target, fallback, fp16_fp32, measured_unsigned,
                                        rounding if rounding and rounding.kept else None)
             return corrected(candidate) if corrected else candidate
 
@@ -384,7 +323,7 @@ def quantize_int8_file(model_path: str | os.PathLike, out_path: str | os.PathLik
         metadata["u8u8_layers"] = sorted(cpu_format.unsigned & set(by_precision["int8"]))
         if cpu_format.unsigned != cpu_format.measured_unsigned:
             written = encode_weights(written, cpu_format.unsigned)
-    _write(written, source, out_path, metadata)
+    write_typed(written, source, out_path, metadata)
     if options.report_path:
         with atomic_output(options.report_path) as tmp_report:
             tmp_report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -98,7 +98,7 @@ class OutputProbe:
 
     def first(self, images: int) -> OutputProbe:
         """This probe on its first ``images`` images, sharing their arrays (whole batches where the
-        graph's batch size is fixed)."""
+        graph's batch size is fixed) and, once this probe has run the FP32 graph, its outputs."""
         feeds, rows = [], 0
         for feed in self.feeds:
             if rows >= images:
@@ -109,8 +109,10 @@ class OutputProbe:
             feeds.append(feed)
             rows += batch
         subset = copy.copy(self)
-        whole = self._measured
-        subset.feeds, subset._measured = feeds, _Reference(whole.outputs[:rows], whole.compared, whole.suffix)
+        subset.feeds = feeds
+        if "_measured" in self.__dict__:  # run already (a cached property): its first rows; else the subset runs its own
+            whole = self._measured
+            subset._measured = _Reference(whole.outputs[:rows], whole.compared, whole.suffix)
         return subset
 
     def sqnr(self, model: onnx.ModelProto | bytes) -> float:
