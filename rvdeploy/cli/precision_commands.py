@@ -69,7 +69,7 @@ def precision_from(precision: str | None, target: str, kwargs: dict, show_progre
                                           ("--rounding", None if rounding == DEFAULT_ROUNDING else rounding)) if value is not None]
         if given:
             raise RvdeployError(f"{given[0]} is for --int8: FP16 has no per-layer quantization to report")
-        return pipeline.Fp16Options(io_fp16=io_fp16, probe_size=probe_size,
+        return pipeline.Fp16Options(io_fp16=io_fp16, probe_size=probe_size, show_progress=show_progress,
                                     min_sqnr=DEFAULT_FP16_MIN_SQNR_DB if min_sqnr is None else min_sqnr, **images)
     if precision == "int8":
         return pipeline.Int8Options(target=target, cpu=cpu, method=method, cache_path=cache, equalize=equalize,

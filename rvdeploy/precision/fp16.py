@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from rvdeploy.compare import json_safe
 from rvdeploy.graph_edit import export_like
 from rvdeploy.precision.calib import FP16_MAX, ActivationStats
 
@@ -77,7 +78,7 @@ class Fp16Report:
     floor: Fp16Floor | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def _float_constants(node: gs.Node) -> list[gs.Constant]:
@@ -142,6 +143,8 @@ def plan_fp16(model: onnx.ModelProto, stats: ActivationStats, sqnr: Callable[[on
     reason = f"FP16 nodes {start + 1} to {stop} of {len(order)} in graph order, kept FP32 for the {min_sqnr_db:g} dB floor"
     chosen = _with_weight_producers(graph, fed, names | set(order[start:stop]))
     kept += [KeptFp32(name, ops.get(name, "?"), "floor", reason) for name in order[start:stop]]
+    kept += [KeptFp32(name, ops.get(name, "?"), "floor", "transforms weights only, for nodes the floor keeps FP32")
+             for name in sorted(chosen - names - set(order[start:stop]))]
     return Fp16Plan(converted, kept, _flushed(graph, chosen), final, floor)
 
 

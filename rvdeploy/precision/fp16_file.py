@@ -20,6 +20,7 @@ from rvdeploy.precision.fp16 import Fp16Report, fp16_node_names, plan_fp16
 from rvdeploy.precision.guard import check_min_sqnr
 from rvdeploy.precision.quantize import ImageOptions, load_fp32_graph, model_recipe, write_typed
 from rvdeploy.precision.sensitivity import OutputProbe
+from rvdeploy.progress import progress_bar
 
 FP16_PROBES = 8
 # The FP16 graph's output SQNR is judged on the first of the observed inputs (ranges are checked on all):
@@ -33,6 +34,7 @@ class Fp16Options(ImageOptions):
     probe_size: tuple[int, int] | None = None  # (H, W) of the random probes without calib_dir, for a graph whose own is dynamic
     # label-free floor: output SQNR (dB) against FP32 on the observed inputs; 0 or None: off
     min_sqnr: float | None = DEFAULT_FP16_MIN_SQNR_DB
+    show_progress: bool = True
 
     def __post_init__(self) -> None:
         check_min_sqnr(self.min_sqnr)
@@ -87,20 +89,25 @@ def _observation_feeds(model: onnx.ModelProto, path: str | os.PathLike, options:
 
 def quantize_fp16(model_path: str | os.PathLike, out_path: str | os.PathLike,
                   options: Fp16Options = Fp16Options()) -> Fp16Report:
-    """Write the FP16 graph of ``model_path``: nodes whose values FP16 cannot hold stay FP32, and so do
-    the first ones in graph order where the output SQNR misses ``options.min_sqnr``."""
+    """Write the FP16 graph of ``model_path``: nodes whose values FP16 cannot hold stay FP32, and so
+    does a run of nodes in graph order where the output SQNR misses ``options.min_sqnr``."""
     check_output_path(out_path)
     model = load_fp32_graph(model_path)
     groups, observed, observed_on = _observation_feeds(model, model_path, options)
     # measured, not assumed: FP16 is usually 60-80 dB from FP32, but a graph that amplifies rounding is not
     judges = [OutputProbe(model, feeds, None, model_path).first(FP16_JUDGED // len(groups)) for feeds in groups]
 
-    def sqnr(candidate: onnx.ModelProto) -> float:  # the worse kind's
-        serialized = candidate.SerializeToString()
-        return min(judge.sqnr(serialized) for judge in judges)
-
     stats = activation_stats(model, [feed for feeds in groups for feed in feeds], model_path)
-    plan = plan_fp16(model, stats, sqnr, options.min_sqnr, options.io_fp16)
+    with progress_bar(options.show_progress) as bar:  # a dozen candidates where the floor needs a search
+        task = bar.add_task("FP16 graphs measured", total=None)
+
+        def sqnr(candidate: onnx.ModelProto) -> float:  # the worse kind's
+            serialized = candidate.SerializeToString()
+            value = min(judge.sqnr(serialized) for judge in judges)
+            bar.advance(task)
+            return value
+
+        plan = plan_fp16(model, stats, sqnr, options.min_sqnr, options.io_fp16)
     kept_names = {k.node for k in plan.kept_fp32}
     converted = plan.model
     report = Fp16Report(len(fp16_node_names(converted)), plan.kept_fp32, plan.weights_flushed_to_zero, observed,
