@@ -299,8 +299,8 @@ def activation_stats(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                         sums = energy.setdefault(name, [0.0, 0.0])
                         sums[0] += float(np.dot(flat, flat))
                         sums[1] += float(np.dot(rounding, rounding))
-    fp16_sqnr = {name: math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
-                 for name, (signal, noise) in energy.items()}
+    # rounding noise needs a non-zero value, so its signal is non-zero too
+    fp16_sqnr = {name: math.inf if noise == 0 else 10 * math.log10(signal / noise) for name, (signal, noise) in energy.items()}
     return ActivationStats(peaks, fp16_sqnr)
 
 
