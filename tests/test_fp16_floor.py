@@ -151,3 +151,10 @@ def test_int8_tensorrt_fallback_runs_fp32_where_the_fp16_plan_does(tmp_path):
     assert both.precisions == {"scale": "fp32", "body": "fp16"} and probe.sqnr(both.model) >= 35
     typed = {v.name: v.type.tensor_type.elem_type for v in both.model.graph.value_info}
     assert typed["c1"] == TensorProto.FLOAT and typed["c3"] == TensorProto.FLOAT16
+
+
+def test_a_tensor_fp16_flushes_to_zero_scores_0_db(tmp_path):
+    """Values of 1e-22: FP16 keeps none of them (FP32 squares of them would be 0 as well)."""
+    source = _chain(tmp_path / "tiny.onnx", [("tiny", "Mul", 1e-22), ("back", "Mul", 1e22)])
+    stats = activation_stats(onnx.load(source), [{"x": np.ones((4, 3, 8, 8), np.float32)}])
+    assert stats.fp16_sqnr_db["tiny_out"] == 0.0 and stats.fp16_sqnr_db["y"] == np.inf and stats.peaks["y"] == 1.0

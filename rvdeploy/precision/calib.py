@@ -295,9 +295,10 @@ def activation_stats(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                         flat = value.ravel()
                         if flat.size > FP16_SAMPLE:
                             flat = flat[sampler.integers(0, flat.size, FP16_SAMPLE)]
-                        rounding = flat - flat.astype(np.float16)  # exact in FP32
+                        exact = flat.astype(np.float64)  # FP32 squares of values under 1e-19 would be 0
+                        rounding = exact - flat.astype(np.float16)
                         sums = energy.setdefault(name, [0.0, 0.0])
-                        sums[0] += float(np.dot(flat, flat))
+                        sums[0] += float(np.dot(exact, exact))
                         sums[1] += float(np.dot(rounding, rounding))
     # rounding noise needs a non-zero value, so its signal is non-zero too
     fp16_sqnr = {name: math.inf if noise == 0 else 10 * math.log10(signal / noise) for name, (signal, noise) in energy.items()}
