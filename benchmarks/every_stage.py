@@ -43,12 +43,12 @@ def recipe_of(name: str) -> tuple[Preprocess, tuple[str, ...]]:
     return Preprocess((SIZE, SIZE), SIZE, mean, std), flags
 
 
-def held_out_sqnr(graph: Path, reference: Path, x: np.ndarray) -> float:
-    """``graph``'s SQNR against ``reference`` on ``x`` as rvdeploy judges it: every output, those after a
-    TopK by what it selects from (a detector's selection reorders near-tied queries)."""
+def judge(reference: Path, x: np.ndarray) -> OutputProbe:
+    """What graphs are compared with ``reference`` by on ``x``, as rvdeploy judges them: every output, those
+    after a TopK by what it selects from (a detector's selection reorders near-tied queries); its own
+    outputs are run once, however many graphs it judges."""
     fp32 = onnx.load(reference)
-    return OutputProbe(fp32, [{fp32.graph.input[0].name: x[i:i + 8]} for i in range(0, len(x), 8)], None, reference).sqnr(
-        onnx.load(graph))
+    return OutputProbe(fp32, [{fp32.graph.input[0].name: x[i:i + 8]} for i in range(0, len(x), 8)], None, reference)
 
 
 def command(*args) -> list:
@@ -89,10 +89,11 @@ def run_net(name: str, root: Path, calib_dir: Path, held_dir: Path) -> dict:
                   "--warmup-s", "0", "--min-s", "0.2"),
     }
     row = {"name": name, **{step: command(*args) for step, args in steps.items()}}
-    row["fold_db"] = round(held_out_sqnr(plain, unfolded, held), 1)  # the folded graph against the unfolded one
+    row["fold_db"] = round(judge(unfolded, held).sqnr(onnx.load(plain)), 1)  # the folded graph against the unfolded one
+    folded = judge(plain, held)
     for key, graph in (("fp16_db", "fp16.onnx"), ("trt_db", "int8_trt.onnx"), ("ort_db", "int8_ort.onnx")):
         if (folder / graph).exists():
-            row[key] = round(held_out_sqnr(folder / graph, plain, held), 1)
+            row[key] = round(folded.sqnr(onnx.load(folder / graph)), 1)
     if (folder / "fp16.onnx").exists():  # what the FP16 plan kept FP32, of the nodes that compute floats
         fp16 = onnx.load(folder / "fp16.onnx")
         kept = len(read_metadata(fp16).get("fp32_nodes", []))
